@@ -1,0 +1,175 @@
+"""A trained model as a folder: model.safetensors, config.json (timm's Hub layout) and eval/.
+
+The same folder is what `load_bundle` reads from disk or from the Hub, what the app serves, and what
+`timm.create_model("local-dir:<folder>", pretrained=True)` (or "hf-hub:owner/name" once pushed)
+loads with no code of ours beyond the registration of our own CNNs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from classifier.models import create_model
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+EVAL_DIR = "eval"
+FORMAT_VERSION = 1
+# Where a timm pretrained_cfg points at its original weights: a bundle's config must not, or timm
+# would fetch the ImageNet weights instead of ours.
+_WEIGHT_SOURCE_KEYS = ("url", "hf_hub_id", "hf_hub_filename", "file", "state_dict", "source", "tag",
+                       "custom_load", "hf_hub_revision")
+
+
+class BundleError(ValueError):
+    """A bundle that is missing, incomplete or inconsistent, worded for the user."""
+
+
+@dataclass
+class Bundle:
+    model: nn.Module
+    config: dict
+    path: Path
+
+    @property
+    def architecture(self) -> str:
+        return self.config["architecture"]
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.config["label_names"])
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        return self.config["pretrained_cfg"]
+
+    @property
+    def project(self) -> dict:
+        """This project's own fields: dataset, metrics, temperature, training, versions."""
+        return self.config.get("classifier", {})
+
+    @property
+    def temperature(self) -> float:
+        return float(self.project.get("temperature", 1.0))
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.pretrained_cfg["input_size"][0])
+
+    def eval_path(self, name: str = "") -> Path:
+        return self.path / EVAL_DIR / name
+
+    def eval_metrics(self) -> dict | None:
+        path = self.eval_path("metrics.json")
+        return json.loads(path.read_text()) if path.exists() else None
+
+
+def library_versions() -> dict:
+    import PIL
+    import timm
+    import torchvision
+
+    import classifier
+
+    return {"classifier": classifier.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "pillow": PIL.__version__, "python": platform.python_version()}
+
+
+def make_config(model: nn.Module, *, architecture: str, label_names: Sequence[str], model_args: dict,
+                input_size: Sequence[int], mean: Sequence[float], std: Sequence[float],
+                interpolation: str, crop_pct: float, project: dict | None = None) -> dict:
+    """config.json in timm's layout, with the data config the model was trained with."""
+    pretrained_cfg = {k: v for k, v in dict(getattr(model, "pretrained_cfg", {}) or {}).items()
+                      if k not in _WEIGHT_SOURCE_KEYS and v is not None}
+    pretrained_cfg.update(input_size=list(input_size), mean=list(mean), std=list(std),
+                          interpolation=interpolation, crop_pct=crop_pct, num_classes=len(label_names))
+    for key in ("test_input_size", "test_crop_pct", "min_input_size"):
+        pretrained_cfg.pop(key, None)  # they describe the ImageNet weights, not ours
+    return {
+        "architecture": architecture,
+        "num_classes": len(label_names),
+        "num_features": int(getattr(model, "num_features", 0)),
+        "label_names": list(label_names),
+        "model_args": dict(model_args),
+        "pretrained_cfg": pretrained_cfg,
+        "classifier": {"format_version": FORMAT_VERSION, "versions": library_versions(), **(project or {})},
+    }
+
+
+def save_bundle(path: str | os.PathLike, model: nn.Module, config: dict) -> Path:
+    """Write weights and config; the eval/ folder is written beside them by evaluate.save_report."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise BundleError(f"refusing to save: weight {name} holds NaN or infinite values")
+    tmp = path / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path / WEIGHTS_FILE)
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    return path
+
+
+def _read_config(path: Path) -> dict:
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise BundleError(f"{path}: not a model bundle (no {CONFIG_FILE})")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{config_path}: not valid JSON ({exc})") from exc
+    missing = [k for k in ("architecture", "num_classes", "label_names", "pretrained_cfg") if k not in config]
+    if missing:
+        raise BundleError(f"{config_path}: missing field(s) {missing}")
+    if len(config["label_names"]) != config["num_classes"]:
+        raise BundleError(f"{config_path}: num_classes is {config['num_classes']} but there are "
+                          f"{len(config['label_names'])} label names")
+    for key in ("input_size", "mean", "std"):
+        if key not in config["pretrained_cfg"]:
+            raise BundleError(f"{config_path}: pretrained_cfg has no {key}")
+    if not (path / WEIGHTS_FILE).is_file():
+        raise BundleError(f"{path}: no {WEIGHTS_FILE} (weights travel as safetensors only)")
+    return config
+
+
+def resolve_location(location: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local bundle folder as is; 'hf-hub:owner/name' or 'owner/name' downloaded from the Hub."""
+    text = str(location)
+    if text.startswith("hf-hub:") or (not Path(text).expanduser().exists() and text.count("/") == 1
+                                      and not text.startswith((".", "/", "~"))):
+        from classifier import hub
+
+        return hub.download_bundle(text.removeprefix("hf-hub:"), revision=revision)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise BundleError(f"{path}: no such bundle folder (nor a Hub id like owner/name)")
+    return path
+
+
+def load_bundle(location: str | os.PathLike, *, revision: str | None = None,
+                device: str | torch.device = "cpu") -> Bundle:
+    """Rebuild the model of a bundle from its config and weights alone (no training data needed)."""
+    path = resolve_location(location, revision)
+    config = _read_config(path)
+    model_args: dict[str, Any] = dict(config.get("model_args", {}))
+    model_args.setdefault("in_chans", int(config["pretrained_cfg"]["input_size"][0]))
+    model = create_model(config["architecture"], num_classes=config["num_classes"], pretrained=False,
+                         **model_args)
+    state = load_file(str(path / WEIGHTS_FILE), device="cpu")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise BundleError(f"{path}: the weights do not fit {config['architecture']} "
+                          f"with {model_args}: {str(exc)[:500]}") from exc
+    model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **config["pretrained_cfg"]}
+    return Bundle(model.to(device).eval(), config, path)

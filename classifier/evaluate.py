@@ -1,0 +1,262 @@
+"""Honest evaluation: metrics, calibration, the misclassified examples, and the plots of them.
+
+Everything is computed from the logits of a full pass over a split; nothing is estimated or typed
+in. `save_report` writes the bundle's eval/ folder that the app and the model card read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch import nn  # noqa: E402
+
+from classifier import distributed  # noqa: E402
+from classifier.data import Split, load_pil  # noqa: E402
+
+MISTAKES_DIR = "mistakes"
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, loader: Iterable, device: torch.device, dtype=None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits [N, C] float32 on CPU, targets [N], dataset indices [N]) for every readable sample.
+
+    Batches are (x, y, index) as ImageDataset yields them. Under DDP each rank passes over its own
+    shard and the results are gathered, so every rank returns the whole split.
+    """
+    model.eval()
+    logits, targets, indices = [], [], []
+    for batch in loader:
+        if batch is None:
+            continue
+        x, y, idx = batch
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = model(x.to(device, non_blocking=True))
+        logits.append(out.float().cpu())
+        targets.append(torch.as_tensor(y).cpu())
+        indices.append(torch.as_tensor(idx).cpu())
+    result = (torch.cat(logits), torch.cat(targets), torch.cat(indices))
+    if distributed.is_distributed():
+        result = distributed.gather_predictions(*result)
+    return result
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int = 100) -> float:
+    """The temperature T minimising the NLL of softmax(logits / T) (Guo et al., 2017)."""
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+    logits, targets = logits.detach().float(), targets.detach().long()
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(logits / log_t.exp(), targets)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    temperature = float(log_t.detach().exp())
+    return temperature if math.isfinite(temperature) and temperature > 0 else 1.0
+
+
+def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, n_bins: int = 15) -> float:
+    """ECE: the gap between confidence and accuracy, averaged over equal-width confidence bins."""
+    confidence, predicted = probs.max(1)
+    correct = (predicted == targets).float()
+    edges = torch.linspace(0, 1, n_bins + 1)
+    ece = torch.zeros(())
+    for low, high in zip(edges[:-1], edges[1:]):
+        in_bin = (confidence > low) & (confidence <= high)
+        if in_bin.any():
+            ece += in_bin.float().mean() * (confidence[in_bin].mean() - correct[in_bin].mean()).abs()
+    return float(ece)
+
+
+def confusion_matrix(predicted: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """counts[true, predicted]."""
+    return torch.bincount(targets * num_classes + predicted, minlength=num_classes**2).reshape(
+        num_classes, num_classes)
+
+
+def compute_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: Sequence[str],
+                    temperature: float = 1.0) -> dict:
+    """Loss, accuracy, per-class precision/recall/F1/support, macro averages, confusion matrix, ECE."""
+    num_classes = len(classes)
+    scaled = logits / temperature
+    probs = scaled.softmax(1)
+    predicted = probs.argmax(1)
+    cm = confusion_matrix(predicted, targets, num_classes).double()
+    tp = cm.diag()
+    support, predicted_count = cm.sum(1), cm.sum(0)
+    precision = torch.where(predicted_count > 0, tp / predicted_count.clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12),
+                     torch.zeros_like(tp))
+    present = support > 0  # macro averages over the classes this split has
+    per_class = [{"class": c, "precision": float(precision[i]), "recall": float(recall[i]),
+                  "f1": float(f1[i]), "support": int(support[i]), "accuracy": float(recall[i])}
+                 for i, c in enumerate(classes)]
+    return {
+        "num_samples": int(len(targets)),
+        "loss": float(nn.functional.cross_entropy(scaled, targets)),
+        "accuracy": float((predicted == targets).double().mean()),
+        "macro_precision": float(precision[present].mean()),
+        "macro_recall": float(recall[present].mean()),
+        "macro_f1": float(f1[present].mean()),
+        "ece": expected_calibration_error(probs, targets),
+        "temperature": float(temperature),
+        "per_class": per_class,
+        "confusion_matrix": cm.long().tolist(),
+    }
+
+
+def calibrated_metrics(test_logits, test_targets, val_logits, val_targets, classes) -> dict:
+    """Test metrics at the temperature fitted on validation, with the uncalibrated figures beside."""
+    temperature = fit_temperature(val_logits, val_targets) if len(val_targets) else 1.0
+    metrics = compute_metrics(test_logits, test_targets, classes, temperature)
+    raw = compute_metrics(test_logits, test_targets, classes, 1.0)
+    metrics["calibration"] = {"temperature": temperature, "fitted_on": "validation",
+                              "ece_before": raw["ece"], "ece_after": metrics["ece"],
+                              "nll_before": raw["loss"], "nll_after": metrics["loss"]}
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Mistakes and the eval/ folder
+
+
+def rank_mistakes(logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor,
+                  classes: Sequence[str], temperature: float = 1.0, limit: int = 200) -> list[dict]:
+    """The misclassified samples, worst (highest loss) first, with their top probabilities."""
+    probs = (logits / temperature).softmax(1)
+    predicted = probs.argmax(1)
+    wrong = torch.nonzero(predicted != targets).flatten()
+    losses = -probs[wrong, targets[wrong]].clamp(min=1e-12).log()
+    order = wrong[losses.argsort(descending=True)][:limit]
+    mistakes = []
+    for i in order.tolist():
+        top = probs[i].topk(min(3, len(classes)))
+        mistakes.append({
+            "index": int(indices[i]), "true": classes[int(targets[i])], "predicted": classes[int(predicted[i])],
+            "p_predicted": float(probs[i, predicted[i]]), "p_true": float(probs[i, targets[i]]),
+            "loss": float(-probs[i, targets[i]].clamp(min=1e-12).log()),
+            "top": {classes[int(c)]: float(p) for p, c in zip(top.values, top.indices)},
+        })
+    return mistakes
+
+
+def _thumbnail(image: Image.Image, max_side: int = 160) -> Image.Image:
+    if max(image.size) > max_side:
+        image = image.copy()
+        image.thumbnail((max_side, max_side))
+    return image
+
+
+def save_report(eval_dir: str | os.PathLike, metrics: dict, mistakes: list[dict], split: Split,
+                classes: Sequence[str], channels: int = 3, history: list[dict] | None = None,
+                samples: list[dict] | None = None) -> Path:
+    """Write eval/: metrics.json, confusion_matrix.{json,png}, mistakes/ + mistakes.json, plots."""
+    eval_dir = Path(eval_dir)
+    (eval_dir / MISTAKES_DIR).mkdir(parents=True, exist_ok=True)
+    (eval_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (eval_dir / "confusion_matrix.json").write_text(json.dumps(
+        {"labels": list(classes), "matrix": metrics["confusion_matrix"], "rows": "true", "columns": "predicted"},
+        indent=1))
+    plot_confusion_matrix(metrics["confusion_matrix"], classes, eval_dir / "confusion_matrix.png")
+    for n, mistake in enumerate(mistakes):
+        name = f"{MISTAKES_DIR}/{n:04d}.png"
+        _thumbnail(load_pil(split.items[mistake["index"]], channels)).save(eval_dir / name)
+        mistake["file"] = name
+        if not split.in_memory:
+            mistake["source"] = str(split.items[mistake["index"]])
+    (eval_dir / "mistakes.json").write_text(json.dumps(mistakes, indent=1))
+    if samples:
+        plot_sample_grid(samples, split, channels, eval_dir / "samples.png")
+    if history:
+        plot_history(history, eval_dir / "curves.png")
+        (eval_dir / "history.json").write_text(json.dumps(history, indent=1))
+    return eval_dir
+
+
+def sample_predictions(logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor,
+                       classes: Sequence[str], temperature: float = 1.0, count: int = 32,
+                       seed: int = 0) -> list[dict]:
+    """A random, seeded selection of predictions, right and wrong, for the samples grid."""
+    probs = (logits / temperature).softmax(1)
+    pick = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))[:count]
+    return [{"index": int(indices[i]), "true": classes[int(targets[i])],
+             "predicted": classes[int(probs[i].argmax())], "p": float(probs[i].max())} for i in pick.tolist()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+
+
+def plot_confusion_matrix(matrix, classes: Sequence[str], path: str | os.PathLike) -> None:
+    cm = np.asarray(matrix, dtype=np.float64)
+    row_sums = cm.sum(1, keepdims=True)
+    normalised = np.divide(cm, row_sums, out=np.zeros_like(cm), where=row_sums > 0)
+    n = len(classes)
+    size = max(5.0, 0.55 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Confusion matrix (counts; colour = share of the true class)")
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=8,
+                        color="white" if normalised[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_history(history: list[dict], path: str | os.PathLike) -> None:
+    """Loss and accuracy per epoch, train and validation, side by side."""
+    if not history:
+        return
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for split in ("train", "val"):
+        ax_loss.plot(epochs, [r[f"{split}_loss"] for r in history], marker="o", label=split)
+        ax_acc.plot(epochs, [r[f"{split}_acc"] for r in history], marker="o", label=split)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_sample_grid(samples: list[dict], split: Split, channels: int, path: str | os.PathLike,
+                     columns: int = 8) -> None:
+    """Images with their predictions as titles: green when right, red when wrong."""
+    rows = math.ceil(len(samples) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.8), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, s in zip(axes.flat, samples):
+        image = load_pil(split.items[s["index"]], channels)
+        ax.imshow(image, cmap="gray" if channels == 1 else None)
+        right = s["predicted"] == s["true"]
+        label = f"{s['predicted']} ({s['p']:.0%})" if right else f"{s['predicted']} ({s['p']:.0%})\nnot {s['true']}"
+        ax.set_title(label, fontsize=7, color="green" if right else "red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,76 @@
+"""Predictor: a bundle turned into `image -> {class: probability}` for any PIL-readable image.
+
+Preprocessing comes from the bundle alone (input size, mean, std, interpolation, crop), so the app
+never needs the training data. Probabilities are divided by the bundle's fitted temperature, so a
+"90%" means right about nine times in ten on the validation data.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from classifier.bundle import Bundle, load_bundle
+from classifier.data import INTERPOLATION
+from classifier.images import ImageSource, open_image
+
+
+def eval_transform(bundle: Bundle) -> T.Compose:
+    """Resize and centre-crop as the model was evaluated; for models trained on small images
+    (CIFAR's 32 px upscaled, say), first shrink to that source size so a sharp photo looks like
+    the data the model learned from."""
+    cfg = bundle.pretrained_cfg
+    _, height, width = cfg["input_size"]
+    interp = INTERPOLATION.get(cfg.get("interpolation", "bilinear"), T.InterpolationMode.BILINEAR)
+    crop_pct = float(cfg.get("crop_pct", 1.0) or 1.0)
+    steps: list = []
+    source = bundle.project.get("source_image_size")
+    if source and min(source) < min(height, width):
+        steps += [T.Resize(min(source), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                  T.CenterCrop(tuple(source))]
+    steps += [T.Resize(int(round(min(height, width) / crop_pct)), interpolation=interp, antialias=True),
+              T.CenterCrop((height, width)), T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])]
+    return T.Compose(steps)
+
+
+class Predictor:
+    """Load once, predict many times. `tta` averages the image with its mirror image."""
+
+    def __init__(self, bundle: Bundle | str | os.PathLike, device: str | torch.device = "cpu", tta: bool = False):
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, device=device)
+        self.device = torch.device(device)
+        self.model = self.bundle.model.to(self.device).eval()
+        self.labels = self.bundle.label_names
+        self.transform = eval_transform(self.bundle)
+        self.temperature = self.bundle.temperature
+        self.tta = tta
+
+    def preprocess(self, image: ImageSource) -> torch.Tensor:
+        """Open (safely: see classifier.images) and transform one image; raises ImageError."""
+        pil = open_image(image, channels=self.bundle.in_chans)
+        return self.transform(pil)
+
+    @torch.inference_mode()
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(self.device)
+        logits = self.model(batch)
+        if self.tta:
+            logits = torch.stack([logits, self.model(batch.flip(-1))]).mean(0)
+        return (logits.float() / self.temperature).softmax(-1).cpu()
+
+    def predict_batch(self, images: Sequence[ImageSource], top_k: int | None = None) -> list[dict[str, float]]:
+        batch = torch.stack([self.preprocess(image) for image in images])
+        return [self._as_dict(p, top_k) for p in self.probabilities(batch)]
+
+    def predict(self, image: ImageSource | Image.Image, top_k: int | None = None) -> dict[str, float]:
+        """{class: probability}, most likely first; `top_k` keeps only the first k."""
+        return self.predict_batch([image], top_k)[0]
+
+    def _as_dict(self, probs: torch.Tensor, top_k: int | None) -> dict[str, float]:
+        k = min(top_k or len(self.labels), len(self.labels))
+        top = probs.topk(k)
+        return {self.labels[int(i)]: float(p) for p, i in zip(top.values, top.indices)}
