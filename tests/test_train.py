@@ -1,0 +1,150 @@
+"""classifier.train.fit: learning, schedules, freezing, early stopping, checkpoints, exact resume, NaN."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, DistributedSampler
+
+from classifier.data import ImageDataset, build_transform, collate_skipping_broken, load_data, materialize_small
+from classifier.models import create_model
+from classifier.train import LAST_CHECKPOINT, TrainConfig, TrainingDiverged, autocast_dtype, fit
+from tests.conftest import make_image_folder
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = make_image_folder(tmp_path_factory.mktemp("shapes"), per_class=30)
+    return materialize_small(load_data(str(root), val_fraction=0.2, test_fraction=0.1))
+
+
+def loaders(data, batch_size=16, augment=True, seed=0):
+    def make(split, train):
+        transform = build_transform(32, (0.3,) * 3, (0.3,) * 3, train=train and augment, small=True)
+        dataset = ImageDataset(split, transform)
+        sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=train, seed=seed)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_skipping_broken)
+    return make(data.train, True), make(data.val, False)
+
+
+def small_cnn(seed=0, drop_rate=0.0):
+    torch.manual_seed(seed)
+    return create_model("fast_cnn", num_classes=3, widths=(8, 16, 32), drop_rate=drop_rate)
+
+
+def test_fit_learns_and_writes_its_logs(shapes, tmp_path):
+    model = small_cnn()
+    train, val = loaders(shapes)
+    result = fit(model, train, val, TrainConfig(epochs=4, lr=0.05, optimizer="sgd"), tmp_path)
+    assert result.history[-1]["val_acc"] >= 0.8
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    best = load_file(str(result.best_weights))
+    assert result.best_epoch == min(result.history, key=lambda r: r["val_loss"])["epoch"]
+    assert set(best) == set(model.state_dict())
+    assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporaries behind
+
+
+class StopAfter(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_exactly(shapes, tmp_path):
+    """A run stopped after epoch 2 and resumed ends bit-for-bit where an uninterrupted run ends.
+
+    The tolerance is zero on purpose: on the CPU with a fixed thread count every operation is
+    deterministic, and the checkpoint restores model, optimiser, schedule and every RNG (the data
+    order, augmentation and dropout draw from them), so any difference is a resume bug.
+    """
+    config = TrainConfig(epochs=4, lr=0.05, optimizer="sgd", schedule="onecycle", label_smoothing=0.1)
+    whole = small_cnn(drop_rate=0.2)
+    fit(whole, *loaders(shapes), config, tmp_path / "whole")
+
+    def stop(record):
+        if record["epoch"] == 2:
+            raise StopAfter
+
+    interrupted = small_cnn(drop_rate=0.2)
+    with pytest.raises(StopAfter):
+        fit(interrupted, *loaders(shapes), config, tmp_path / "cut", on_epoch_end=stop)
+    resumed = small_cnn(seed=123, drop_rate=0.2)  # a fresh process: different initial weights
+    result = fit(resumed, *loaders(shapes), config, tmp_path / "cut", resume=True)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3, 4]
+    for key, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    uninterrupted = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    again = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_loss"] for r in again] == [r["val_loss"] for r in uninterrupted]
+
+
+def test_early_stopping_on_validation_loss(shapes, tmp_path):
+    # A rate this low barely moves the weights, so validation loss soon stops improving.
+    config = TrainConfig(epochs=30, lr=1e-4, optimizer="sgd", schedule="constant", patience=2)
+    result = fit(small_cnn(), *loaders(shapes, augment=False), config, tmp_path)
+    losses = [r["val_loss"] for r in result.history]
+    assert result.stopped_early and len(losses) < 30
+    # It stopped exactly `patience` epochs after the best one, none of which was better.
+    assert len(losses) == result.best_epoch + 2
+    assert min(losses[result.best_epoch:]) >= losses[result.best_epoch - 1]
+
+
+def test_freeze_epochs_train_only_the_head_first(shapes, tmp_path):
+    model = small_cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = {}
+
+    def snapshot(record):
+        seen[record["epoch"]] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    config = TrainConfig(epochs=2, lr=0.05, optimizer="sgd", freeze_epochs=1, backbone_lr_scale=0.5)
+    fit(model, *loaders(shapes), config, tmp_path, on_epoch_end=snapshot)
+    assert torch.equal(seen[1]["stem.0.weight"], before["stem.0.weight"])  # body frozen in epoch 1
+    assert not torch.equal(seen[1]["fc.weight"], before["fc.weight"])      # head trained
+    assert not torch.equal(seen[2]["stem.0.weight"], seen[1]["stem.0.weight"])  # body trains after
+
+
+class NaNAfter(torch.nn.Module):
+    """Wraps a model and poisons its output from the n-th training call on."""
+
+    def __init__(self, model, n):
+        super().__init__()
+        self.model, self.n, self.calls = model, n, 0
+        self.get_classifier = model.get_classifier
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+        out = self.model(x)
+        return out * float("nan") if self.training and self.calls >= self.n else out
+
+
+def test_nan_loss_stops_the_run_and_saves_nothing_broken(shapes, tmp_path):
+    steps_per_epoch = len(loaders(shapes)[0])
+    model = NaNAfter(small_cnn(), n=steps_per_epoch + 1)  # epoch 1 fine, epoch 2 diverges
+    with pytest.raises(TrainingDiverged, match="NaN or infinite at epoch 2"):
+        fit(model, *loaders(shapes), TrainConfig(epochs=3, lr=0.05, optimizer="sgd"), tmp_path)
+    checkpoint = torch.load(tmp_path / LAST_CHECKPOINT, weights_only=True)
+    assert checkpoint["epoch"] == 0  # only epoch 1 was saved
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("optimizer, schedule", [("adamw", "cosine"), ("sgd", "constant"), ("adamw", "onecycle")])
+def test_optimisers_and_schedules(shapes, tmp_path, optimizer, schedule):
+    config = TrainConfig(epochs=2, lr=0.01 if optimizer == "sgd" else 2e-3, optimizer=optimizer,
+                         schedule=schedule, grad_clip=1.0, label_smoothing=0.1, warmup_epochs=0.5)
+    result = fit(small_cnn(), *loaders(shapes), config, tmp_path)
+    lrs = [r["lr"] for r in result.history]
+    if schedule == "constant":
+        assert lrs == [0.01, 0.01]
+    else:
+        assert lrs[-1] < 1e-4  # annealed to (almost) nothing at the end
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"] + 0.05
+
+
+def test_mixed_precision_choice():
+    cpu = torch.device("cpu")
+    assert autocast_dtype(cpu, "auto") is None and autocast_dtype(cpu, "bf16") == torch.bfloat16
+    assert autocast_dtype(cpu, "off") is None
