@@ -21,7 +21,7 @@ def finetune(*args, cwd=None, **popen):
     command = [sys.executable, str(SCRIPT), *map(str, args)]
     if popen:
         return subprocess.Popen(command, env=env, cwd=cwd, **popen)
-    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,7 @@ def test_user_mistakes_get_one_clear_line(folder, tmp_path, args, message):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.timeout(900)  # three full runs in subprocesses; about 30 s on a quiet machine
 def test_killed_run_resumes_to_the_same_result(folder, tmp_path):
     """SIGKILL after the first checkpoint, then --resume: same final metrics as an unbroken run.
 
