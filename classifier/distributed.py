@@ -1,17 +1,35 @@
 """The little that the library needs of torch.distributed, each a no-op in a single process.
 
-torchrun sets RANK, LOCAL_RANK, WORLD_SIZE and the rendezvous variables; `init_from_env` turns them
-into a process group (nccl on CUDA, gloo on CPU). Nothing here is home-made distribution: it is
-PyTorch's own DDP, with helpers so the rest of the code reads the same with or without it.
+torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, the rendezvous variables and, after a failure,
+TORCHELASTIC_RESTART_COUNT; `init_from_env` turns them into a process group (nccl on CUDA, gloo on
+CPU). Nothing here is home-made distribution: it is PyTorch's own DDP, samplers and collectives,
+with helpers so the rest of the code reads the same with or without them.
+
+What the rest of the library relies on:
+
+- the batch size and learning rate a user gives are global: each of N processes gets batch/N
+  samples per step, DDP averages the gradients, so one step is one step of the global batch;
+- training shards are PyTorch's DistributedSampler (every rank the same number of steps, which
+  DDP needs); evaluation shards are `ShardSampler` (no padded repeats, so sums are exact);
+- rank 0 alone writes files and reads checkpoints, and sends what it read to the other ranks
+  (`broadcast_state`), so other machines need not see rank 0's disk.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+from datetime import timedelta
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import Sampler
+
+log = logging.getLogger(__name__)
 
 
 def is_distributed() -> bool:
@@ -38,15 +56,68 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_from_env() -> bool:
-    """Join the process group torchrun describes; False (and nothing done) outside torchrun."""
+def restart_count() -> int:
+    """How many times torchrun (--max-restarts) has restarted this machine's processes; 0 at first."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+
+def _restart_store():
+    """The rendezvous store for a restarted attempt, with keys of its own; None when not needed.
+
+    torchrun's agent keeps one key-value store for the whole job (TORCHELASTIC_USE_AGENT_STORE)
+    and, in this PyTorch, gives a restarted attempt no fresh namespace in it. init_process_group
+    would then find the first attempt's keys (the dead processes' addresses) and fail to connect
+    (pytorch/pytorch#135712). This is what torch.distributed's own env:// rendezvous used to do: the
+    same store, behind a PrefixStore named after the attempt, which every process on this machine
+    agrees on. Machines restarted by an elastic agent without failing themselves keep count 0, so
+    for restarts across machines PyTorch's own switch TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a new
+    store per attempt) is the one that holds; see the README.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or restart_count() == 0:
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"/worker/attempt_{restart_count()}", store)
+
+
+def init_from_env(device: str = "auto") -> bool:
+    """Join the process group torchrun describes; False (and nothing done) outside torchrun.
+
+    `device` is the --device the run will use: nccl only moves CUDA tensors, so a run asked to use
+    the CPU on a machine with GPUs needs gloo.
+    """
     if not launched_by_torchrun() or is_distributed():
         return is_distributed()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+    store = _restart_store()
+    where = {} if store is None else {"store": store, "rank": int(os.environ["RANK"]),
+                                      "world_size": int(os.environ["WORLD_SIZE"])}
+    on_cuda = torch.cuda.is_available() and (device == "auto" or device.startswith("cuda"))
+    if on_cuda:
         torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend=backend)
+        # device_id binds the group to this process's GPU, so barriers need not guess which GPU.
+        dist.init_process_group(backend="nccl", device_id=torch.device("cuda", local_rank()), **where)
+    else:
+        dist.init_process_group(backend="gloo", **where)
     return True
+
+
+def restarted() -> bool:
+    """Whether torchrun restarted this job after a failure, as far as any of its processes knows.
+
+    Only the processes on the machine where the failure happened see a restart count above 0; the
+    answer is agreed by all, so that every rank resumes or none does.
+    """
+    flag = torch.tensor([1.0 if restart_count() > 0 else 0.0], device=_collective_device())
+    if is_distributed():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _collective_device() -> torch.device:
+    """Where tensors for a collective must be: nccl moves CUDA tensors only, gloo CPU ones."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
 
 
 def shutdown() -> None:
@@ -62,6 +133,23 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
+def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model with SyncBatchNorm layers (for DDP), or unchanged where that cannot run.
+
+    Call before `wrap`. The conversion replaces the layers in place and keeps their parameters and
+    buffers under the same names, so a state_dict saved from the converted model loads into the
+    plain one (and the bundle needs no conversion back). PyTorch's SyncBatchNorm has kernels for
+    GPUs only: on the CPU each process keeps its own batch statistics, as without the option.
+    """
+    if not is_distributed():
+        return model
+    if device.type != "cuda":
+        log.warning("--sync-batchnorm needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); "
+                    "each process normalises with its own batch statistics")
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
@@ -73,13 +161,84 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_state(state):
+    """Rank 0's `state` (tensors and plain data, as in a checkpoint, or None) on every rank.
+
+    For what rank 0 alone reads from disk: every rank then starts from the same state even when
+    the other ranks run on machines that cannot see rank 0's files. The state travels as the bytes
+    of torch.save and is read back with weights_only, as the file itself would be; tensors arrive
+    on the CPU.
+    """
+    if not is_distributed():
+        return state
+    device = _collective_device()
+    payload = None
+    if is_main_process() and state is not None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        payload = torch.frombuffer(bytearray(buffer.getbuffer()), dtype=torch.uint8)
+    size = torch.tensor([-1 if payload is None else len(payload)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=0)
+    if size.item() < 0:  # rank 0 had nothing (no checkpoint yet): neither has anyone
+        return None
+    data = payload.to(device) if payload is not None else torch.empty(int(size.item()), dtype=torch.uint8,
+                                                                      device=device)
+    dist.broadcast(data, src=0)
+    if is_main_process():
+        return state
+    return torch.load(io.BytesIO(data.cpu().numpy().tobytes()), map_location="cpu", weights_only=True)
+
+
+@contextlib.contextmanager
+def local_main_first():
+    """Run the body on each machine's local rank 0 first, then on the other ranks of that machine.
+
+    For work that fills a cache on the local disk (unpacking an archive, decoding images, a
+    download): the first process writes it, the others then find it, instead of all writing the
+    same files at once.
+    """
+    first = local_rank() == 0
+    if not first:
+        barrier()
+    try:
+        yield
+    finally:
+        if first:
+            barrier()
+
+
+class ShardSampler(Sampler[int]):
+    """Dataset indices rank, rank + N, rank + 2N, ...: each sample on exactly one of N ranks.
+
+    For evaluation. DistributedSampler pads the shards to equal length with repeated samples, which
+    training needs (every rank must take the same number of DDP steps) but which would count those
+    samples twice in a summed loss or accuracy. Evaluation has no collective per batch, so the
+    shards may differ in length by one. In one process this is the dataset in order.
+    """
+
+    def __init__(self, dataset, num_replicas: int | None = None, rank: int | None = None):
+        self.length = len(dataset)
+        self.num_replicas = world_size() if num_replicas is None else num_replicas
+        self.rank = (dist.get_rank() if is_distributed() else 0) if rank is None else rank
+        if 0 < self.length < self.num_replicas:
+            # predict_logits needs at least one sample per rank to know the shape of the logits.
+            raise ValueError(f"an evaluation split of {self.length} images cannot be shared by "
+                             f"{self.num_replicas} processes; use fewer processes or a larger split")
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.length, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.num_replicas))
+
+
 def gather_predictions(logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor):
     """Every rank's (logits, targets, indices) gathered on all ranks, each sample once, by index.
 
     Shards differ in length, so each is padded to the longest before all_gather; samples that a
     DistributedSampler repeated to even out the shards are dropped by their dataset index.
     """
-    backend_device = torch.device("cuda", local_rank()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    backend_device = _collective_device()
     count = torch.tensor([len(targets)], device=backend_device)
     counts = [torch.zeros_like(count) for _ in range(world_size())]
     dist.all_gather(counts, count)
@@ -92,6 +251,8 @@ def gather_predictions(logits: torch.Tensor, targets: torch.Tensor, indices: tor
         dist.all_gather(parts, padded)
         gathered.append(torch.cat([p[: int(c.item())] for p, c in zip(parts, counts)]).cpu())
     logits, targets, indices = gathered
+    # Sorting by dataset index puts a repeat next to its original (stable: the first copy stays
+    # first); both are the same image through the same model in eval mode, so either may be kept.
     order = torch.argsort(indices, stable=True)
     logits, targets, indices = logits[order], targets[order], indices[order]
     first = torch.ones(len(indices), dtype=torch.bool)

@@ -25,6 +25,7 @@ from classifier import distributed  # noqa: E402
 from classifier.data import Split, load_pil  # noqa: E402
 
 MISTAKES_DIR = "mistakes"
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.1, 10.0
 
 
 @torch.no_grad()
@@ -66,7 +67,11 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int =
 
     optimizer.step(closure)
     temperature = float(log_t.detach().exp())
-    return temperature if math.isfinite(temperature) and temperature > 0 else 1.0
+    if not math.isfinite(temperature):
+        return 1.0
+    # A validation set the model gets entirely right has its NLL optimum at T -> 0 (every
+    # probability 100%); real models land well inside these bounds, so they only stop that.
+    return min(max(temperature, MIN_TEMPERATURE), MAX_TEMPERATURE)
 
 
 def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, n_bins: int = 15) -> float:
@@ -214,14 +219,14 @@ def plot_confusion_matrix(matrix, classes: Sequence[str], path: str | os.PathLik
     ax.set_yticks(range(n), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title("Confusion matrix (counts; colour = share of the true class)")
+    ax.set_title("Confusion matrix\n(counts; colour = share of the true class)")
     if n <= 30:
         for i in range(n):
             for j in range(n):
                 ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=8,
                         color="white" if normalised[i, j] > 0.5 else "black")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

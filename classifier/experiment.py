@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shlex
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,15 +24,26 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, DistributedSampler
 
 from classifier import distributed
-from classifier.bundle import EVAL_DIR, make_config, save_bundle
-from classifier.data import (DataSplits, ImageDataset, build_transform, channel_stats, collate_skipping_broken,
+from classifier.bundle import EVAL_DIR, BundleError, make_config, save_bundle
+from classifier.data import (DataError, DataSplits, ImageDataset, build_transform, channel_stats, collate_skipping_broken,
                              load_data, materialize_small)
 from classifier.evaluate import (calibrated_metrics, predict_logits, rank_mistakes, sample_predictions,
                                  save_report)
-from classifier.models import count_parameters, create_model, is_project_model
-from classifier.train import TrainConfig, autocast_dtype, fit, pick_device
+from classifier.fastdata import memory_loaders, use_memory_loader
+from classifier.hub import HubError
+from classifier.images import ImageError
+from classifier.lr_finder import LRFinderError, LRFinderResult, lr_range_test, plot_lr_finder
+from classifier.model_card import write_model_card
+from classifier.models import ModelError, count_parameters, create_model, is_project_model
+from classifier.predict import TTA
+from classifier.train import TrainConfig, TrainingDiverged, autocast_dtype, fit, pick_device
 
 log = logging.getLogger(__name__)
+
+# Mistakes in data, arguments or weights, which the command lines report as one readable line.
+# Anything else is a bug, and its traceback is worth seeing.
+USER_ERRORS = (DataError, ModelError, BundleError, ImageError, TrainingDiverged, HubError, LRFinderError)
+LR_FINDER_FILE = "lr_finder.json"
 
 
 @dataclass
@@ -51,7 +64,8 @@ class RunConfig:
     # optimisation (see TrainConfig)
     epochs: int = 10
     batch_size: int = 128
-    lr: float | None = None  # None: 0.05 for SGD, 1e-3 for AdamW (scaled by batch_size / 128)
+    lr: float | str | None = None  # None: 0.05 SGD / 1e-3 AdamW (x batch_size/128); "auto": LR finder
+    lr_finder_steps: int = 200  # steps of the range test that lr="auto" runs
     optimizer: str = "sgd"
     momentum: float = 0.9
     nesterov: bool = True
@@ -66,6 +80,7 @@ class RunConfig:
     amp: str = "auto"
     device: str = "auto"
     workers: int = min(4, os.cpu_count() or 1)
+    loader: str = "auto"  # "memory": data as tensors on the device (classifier.fastdata); "workers": DataLoader
     seed: int = 0
     # outputs
     out: str = "runs/latest"
@@ -73,12 +88,15 @@ class RunConfig:
     tta: bool = False
     mistakes: int = 200
     sync_batchnorm: bool = False
+    recipe: str = "none"  # the recipe that filled the options a user left out (see apply_recipe)
     command: str | None = None  # the command line that made this run, for the model card
 
     def resolved_pretrained(self) -> bool:
         return (not is_project_model(self.model)) if self.pretrained is None else self.pretrained
 
     def resolved_lr(self) -> float:
+        if self.lr == "auto":
+            raise ValueError("lr='auto' is resolved by run() with the learning-rate finder")
         if self.lr is not None:
             return self.lr
         base = 0.05 if self.optimizer == "sgd" else 1e-3
@@ -112,31 +130,55 @@ def _data_config(cfg: RunConfig, data: DataSplits, pretrained: bool) -> dict:
 
 
 def _loader(dataset, batch_size: int, *, train: bool, cfg: RunConfig, device: torch.device) -> DataLoader:
-    # One sampler for one process and for DDP alike: each rank gets its shard, reshuffled per epoch
-    # from (seed, epoch), which is also what makes a resumed run see the same order.
-    sampler = DistributedSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
-                                 shuffle=train, seed=cfg.seed, drop_last=False)
+    # Training: one sampler for one process and for DDP alike. It permutes the whole dataset from
+    # (seed, epoch) and deals it out rank, rank + N, ..., so the N per-rank batches of step k are
+    # together batch k of that permutation: the same global batches for any N (and for a resumed run).
+    # Evaluation: ShardSampler, whose shards have no padded repeats, so summed metrics are exact.
+    if train:
+        sampler = DistributedSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
+                                     shuffle=True, seed=cfg.seed, drop_last=False)
+    else:
+        sampler = distributed.ShardSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank())
     workers = cfg.workers
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                       prefetch_factor=4 if workers else None, collate_fn=collate_skipping_broken,
-                      drop_last=train and len(dataset) // distributed.world_size() > batch_size)
+                      drop_last=train and len(sampler) > batch_size)
 
 
-def run(cfg: RunConfig) -> RunResult:
-    """Train and evaluate as `cfg` says; writes checkpoints and logs to cfg.out, the bundle to cfg.out/bundle."""
-    out = Path(cfg.out)
-    device = pick_device(cfg.device)
-    if device.type == "cpu" and distributed.world_size() == 1:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
-    pretrained = cfg.resolved_pretrained()
-
-    data = load_data(cfg.data, data_dir=cfg.data_dir, image_dir=cfg.image_dir, classes=cfg.classes,
-                     val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
-    data = materialize_small(data)  # small images: decoded once, cached, then held in memory
+def load_run_data(cfg: RunConfig) -> DataSplits:
+    """The splits `cfg` names, small images decoded once (cached) and held in memory."""
+    # Unpacking, downloading and decoding fill a cache on the local disk: under torchrun one process
+    # per machine does it first and the others then read it, rather than all writing the same files.
+    with distributed.local_main_first():
+        data = load_data(cfg.data, data_dir=cfg.data_dir, image_dir=cfg.image_dir, classes=cfg.classes,
+                         val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
+        data = materialize_small(data)
     log.info("data %s: %d classes, %d train / %d val / %d test images, %s", data.name, data.num_classes,
              len(data.train), len(data.val), len(data.test), "x".join(map(str, data.image_size())))
+    return data
 
+
+@dataclass
+class Prepared:
+    """What a run trains on: the data, its data config, a fresh model and the three loaders."""
+
+    data: DataSplits
+    data_config: dict  # image_size, mean, std, interpolation, crop_pct
+    model: torch.nn.Module
+    model_args: dict  # as the model was built (with img_size for the fixed-size tutorial nets)
+    in_chans: int
+    pretrained: bool
+    parameters: int
+    train_loader: DataLoader
+    val_loader: DataLoader
+    test_loader: DataLoader
+
+
+def prepare(cfg: RunConfig, device: torch.device, data: DataSplits | None = None) -> Prepared:
+    """Data, model and loaders for `cfg`. Pass `data` to reuse splits already loaded (a search)."""
+    pretrained = cfg.resolved_pretrained()
+    data = data if data is not None else load_run_data(cfg)
     dcfg = _data_config(cfg, data, pretrained)
     size = dcfg["image_size"]
     in_chans = 3 if pretrained else data.channels
@@ -144,6 +186,7 @@ def run(cfg: RunConfig) -> RunResult:
     registered = timm.models.get_pretrained_cfg(cfg.model)
     if registered is not None and registered.fixed_input_size and is_project_model(cfg.model):
         model_args.setdefault("img_size", size)  # the tutorial nets size their linear layers by it
+    torch.manual_seed(cfg.seed)  # --seed fixes the initial weights too (DDP then copies rank 0's)
     model = create_model(cfg.model, num_classes=data.num_classes, in_chans=in_chans, pretrained=pretrained,
                          pretrained_source=cfg.pretrained_source, **model_args)
     parameters = count_parameters(model)
@@ -158,29 +201,131 @@ def run(cfg: RunConfig) -> RunResult:
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
     per_rank = cfg.batch_size // world
-    train_loader = _loader(dataset(data.train, True), per_rank, train=True, cfg=cfg, device=device)
-    val_loader = _loader(dataset(data.val, False), per_rank * 2, train=False, cfg=cfg, device=device)
-    test_loader = _loader(dataset(data.test, False), per_rank * 2, train=False, cfg=cfg, device=device)
+    if use_memory_loader(cfg.loader, data, device):
+        # Small images held in memory: batches built on the device, no worker processes.
+        loaders = memory_loaders(data, batch_size=per_rank, eval_batch_size=per_rank * 2, mean=dcfg["mean"],
+                                 std=dcfg["std"], device=device, size=size, channels=in_chans,
+                                 interpolation=dcfg["interpolation"], seed=cfg.seed)
+    else:
+        loaders = (_loader(dataset(data.train, True), per_rank, train=True, cfg=cfg, device=device),
+                   _loader(dataset(data.val, False), per_rank * 2, train=False, cfg=cfg, device=device),
+                   _loader(dataset(data.test, False), per_rank * 2, train=False, cfg=cfg, device=device))
+    log.info("loader: %s", type(loaders[0]).__name__)
+    return Prepared(data, dcfg, model, model_args, in_chans, pretrained, parameters, *loaders)
 
-    train_config = TrainConfig(
-        epochs=cfg.epochs, lr=cfg.resolved_lr(), optimizer=cfg.optimizer, momentum=cfg.momentum,
-        nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
+
+# Recipes: settings that fill the options a user did not give (training/finetune.py --recipe).
+# "fast" is airbench94's recipe (KellerJordan/cifar10-airbench) for fast_cnn, in this library's
+# terms: its learning rate 11.5 per 1024 examples with summed loss and Nesterov momentum 0.85 is
+# lr 1.5 per 1024 examples of a mean loss (0.75 at batch 512), its weight decay 0.0153 per 1024
+# examples is 1.33e-3 in PyTorch's coupled form, the warm-up peaks at 23% of the run; label
+# smoothing 0.2, bf16 where the hardware has it, and test-time augmentation with mirror images
+# and 1-pixel shifts. Batch 512 rather than 1024: more steps per epoch help a short run, and
+# on a CPU a larger batch is no faster per image.
+RECIPES = {
+    "fast": {"epochs": 10, "batch_size": 512, "optimizer": "sgd", "momentum": 0.85, "nesterov": True,
+             "weight_decay": 1.33e-3, "schedule": "onecycle", "label_smoothing": 0.2, "tta": True},
+}
+FAST_LR_PER_EXAMPLE = 1.5 / 1024
+FAST_WARMUP_SHARE = 0.23
+
+
+def resolve_recipe(name: str, model: str) -> str:
+    """"auto" is "fast" for fast_cnn (which was made for it) and "none" for every other model."""
+    if name == "auto":
+        return "fast" if model == "fast_cnn" else "none"
+    if name != "none" and name not in RECIPES:
+        raise ValueError(f"unknown recipe '{name}' (auto, none, {', '.join(RECIPES)})")
+    return name
+
+
+def _bf16_is_fast(device: str) -> bool:
+    """bf16 pays on CUDA GPUs that have it and on CPUs with bf16 instructions (AVX512-BF16, AMX)."""
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return torch.cuda.is_bf16_supported()
+    if device != "cpu" and device != "auto":
+        return False  # MPS and others: "auto" mixed precision (fp16) is what they do fast
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def apply_recipe(values: dict, given: set[str] | frozenset[str] = frozenset()) -> dict:
+    """RunConfig fields `values` with their recipe's settings, except those named in `given` (the
+    options a user set). values["recipe"] names it ("auto", "none" or a key of RECIPES); the
+    learning rate follows the batch size and the warm-up the number of epochs, given or not."""
+    name = resolve_recipe(values.get("recipe", "none"), values.get("model", RunConfig.model))
+    out = dict(values, recipe=name)
+    if name == "none":
+        return out
+    preset = dict(RECIPES[name], amp="bf16" if _bf16_is_fast(str(values.get("device", "auto"))) else "auto")
+    out.update({key: value for key, value in preset.items() if key not in given})
+    if "lr" not in given:
+        out["lr"] = FAST_LR_PER_EXAMPLE * out["batch_size"]
+    if "warmup_epochs" not in given:
+        out["warmup_epochs"] = round(FAST_WARMUP_SHARE * out["epochs"], 3)
+    return out
+
+
+def train_config(cfg: RunConfig, pretrained: bool, lr: float | None = None) -> TrainConfig:
+    """The fit() settings of `cfg`; `lr` overrides cfg's (the LR finder's suggestion, say)."""
+    return TrainConfig(
+        epochs=cfg.epochs, lr=lr if lr is not None else cfg.resolved_lr(), optimizer=cfg.optimizer,
+        momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
         warmup_epochs=cfg.warmup_epochs, label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip,
         freeze_epochs=cfg.freeze_epochs if cfg.freeze_epochs is not None else int(pretrained),
         backbone_lr_scale=cfg.backbone_lr_scale if cfg.backbone_lr_scale is not None else (0.1 if pretrained else 1.0),
         patience=cfg.patience, amp=cfg.amp, seed=cfg.seed)
-    result = fit(model, train_loader, val_loader, train_config, out, device=device, resume=cfg.resume,
-                 sync_batchnorm=cfg.sync_batchnorm)
+
+
+def find_lr(cfg: RunConfig, setup: Prepared, device: torch.device, out: Path) -> LRFinderResult:
+    """lr='auto': the range test's suggestion (classifier.lr_finder), its curve saved in `out`.
+
+    A resumed run reuses the suggestion it started with; under DDP every rank tests its own shard
+    and all use the geometric mean of the suggestions, so the ranks agree.
+    """
+    saved = out / LR_FINDER_FILE
+    if cfg.resume and saved.exists():
+        return LRFinderResult.load(saved)
+    finder = lr_range_test(setup.model, setup.train_loader, train_config(cfg, setup.pretrained, lr=1.0),
+                           device=device, num_steps=cfg.lr_finder_steps)
+    if distributed.is_distributed():
+        log_lr = torch.tensor([math.log(finder.suggestion)], device=device, dtype=torch.float64)
+        distributed.all_reduce_sum(log_lr)
+        finder.suggestion = math.exp(float(log_lr) / distributed.world_size())
+    if distributed.is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        finder.save(saved)
+        plot_lr_finder(finder, out / "lr_finder.png")
+    log.info("learning-rate finder: %s suggests %.3g (valley %.3g, steepest %.3g, min/10 %.3g)",
+             finder.method, finder.suggestion, finder.valley, finder.steepest, finder.minimum)
+    return finder
+
+
+def run(cfg: RunConfig) -> RunResult:
+    """Train and evaluate as `cfg` says; writes checkpoints and logs to cfg.out, the bundle to cfg.out/bundle."""
+    out = Path(cfg.out)
+    device = pick_device(cfg.device)
+    if device.type == "cpu" and distributed.world_size() == 1:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    setup = prepare(cfg, device)
+    data, dcfg, model, model_args = setup.data, setup.data_config, setup.model, setup.model_args
+    size, in_chans, pretrained, parameters = dcfg["image_size"], setup.in_chans, setup.pretrained, setup.parameters
+    val_loader, test_loader = setup.val_loader, setup.test_loader
+
+    finder = find_lr(cfg, setup, device, out) if cfg.lr == "auto" else None
+    lr = finder.suggestion if finder else cfg.resolved_lr()
+    result = fit(model, setup.train_loader, val_loader, train_config(cfg, pretrained, lr), out, device=device,
+                 resume=cfg.resume, sync_batchnorm=cfg.sync_batchnorm)
 
     # Evaluate the best epoch by validation loss, not merely the last one.
-    model.load_state_dict(load_file(str(result.best_weights), device=str(device)))
+    # Rank 0 wrote them and sends them: other machines need not see its disk.
+    best = load_file(str(result.best_weights)) if distributed.is_main_process() else None
+    model.load_state_dict(distributed.broadcast_state(best))
     dtype = autocast_dtype(device, cfg.amp)
     val_logits, val_targets, _ = predict_logits(model, val_loader, device, dtype)
     test_logits, test_targets, test_indices = predict_logits(model, test_loader, device, dtype)
-    if cfg.tta:
-        flipped = _FlipModel(model)
-        test_logits = (test_logits + predict_logits(flipped, test_loader, device, dtype)[0]) / 2
-        val_logits = (val_logits + predict_logits(flipped, val_loader, device, dtype)[0]) / 2
+    if cfg.tta:  # as Predictor(tta=True) predicts: mirror images and 1-pixel shifts
+        test_logits = predict_logits(TTA(model), test_loader, device, dtype)[0]
+        val_logits = predict_logits(TTA(model), val_loader, device, dtype)[0]
     metrics = calibrated_metrics(test_logits, test_targets, val_logits, val_targets, data.classes)
     metrics.update(split="test", best_epoch=result.best_epoch, epochs_trained=len(result.history),
                    stopped_early=result.stopped_early, tta=cfg.tta,
@@ -200,6 +345,8 @@ def run(cfg: RunConfig) -> RunResult:
         }
         if data.is_small and size > max(data.image_size()):
             project["source_image_size"] = list(data.image_size())
+        if finder:  # training.lr says "auto"; this says what that meant
+            project["lr_finder"] = finder.summary()
         config = make_config(model, architecture=cfg.model, label_names=data.classes, model_args=model_args
                              | {"in_chans": in_chans}, input_size=(in_chans, size, size), mean=dcfg["mean"],
                              std=dcfg["std"], interpolation=dcfg["interpolation"], crop_pct=dcfg["crop_pct"],
@@ -209,20 +356,12 @@ def run(cfg: RunConfig) -> RunResult:
         samples = sample_predictions(test_logits, test_targets, test_indices, data.classes, temperature)
         save_report(bundle_dir / EVAL_DIR, metrics, mistakes, data.test, data.classes, in_chans,
                     history=result.history, samples=samples)
+        if finder and (out / "lr_finder.png").exists():
+            shutil.copyfile(out / "lr_finder.png", bundle_dir / EVAL_DIR / "lr_finder.png")
         (out / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_model_card(bundle_dir)  # README.md, from the files just written; last, so it cannot cost them
     distributed.barrier()
     return RunResult(bundle_dir, metrics, result.history, parameters)
-
-
-class _FlipModel(torch.nn.Module):
-    """The model applied to mirror images: test-time augmentation by horizontal flip."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(x.flip(-1))
 
 
 def command_line() -> str:

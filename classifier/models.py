@@ -140,49 +140,147 @@ class ConfigurableCNN(_Classifier):
 
 
 # ----------------------------------------------------------------------------------------------
-# Our fast CNN for small images
+# Our fast CNN for small images: airbench94's network (KellerJordan/cifar10-airbench)
 
 
-def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU())
+class _Whitening(nn.Module):
+    """A frozen 2x2 conv whose filters whiten the input's 2x2 patches (airbench's first layer).
 
+    The filters are the eigenvectors of the patch covariance scaled by 1/sqrt(eigenvalue), each
+    also negated (so the GELU after it drops no information). They are set from the first training
+    batch the model sees, not learned; the bias is learned. Until then they are the plain +/- pixel
+    basis, so an untrained model still sees its whole input. The filters are a buffer, not a
+    parameter: no optimiser, weight decay or body-unfreezing touches them, they are saved with the
+    weights, and under DDP they travel with the buffers that rank 0 broadcasts each step.
+    """
 
-class _Residual(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, in_chans: int, kernel_size: int = 2, eps: float = 5e-4):
         super().__init__()
-        self.block = nn.Sequential(_conv_bn(channels, channels), _conv_bn(channels, channels))
+        self.kernel_size, self.eps = kernel_size, eps
+        dim = in_chans * kernel_size * kernel_size
+        basis = torch.eye(dim).reshape(dim, in_chans, kernel_size, kernel_size)
+        self.register_buffer("weight", torch.cat([basis, -basis]))
+        self.register_buffer("initialised", torch.tensor(False))
+        self.bias = nn.Parameter(torch.zeros(2 * dim))
+        self._ready = False  # mirrors `initialised` without reading a GPU tensor on every step
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._ready = False  # re-read the loaded flag at the next training step
+
+    @torch.no_grad()
+    def init_from(self, x: torch.Tensor) -> None:
+        """Set the filters from a batch of normalised images (N, C, H, W)."""
+        k = self.kernel_size
+        x = x[:512].detach().float()
+        stride = max(1, min(x.shape[-2:]) // 32)  # large inputs: a 32x32 grid of patches is plenty
+        patches = nn.functional.unfold(x, k, stride=stride).transpose(1, 2).reshape(-1, self.weight.shape[1] * k * k)
+        patches = patches.double()
+        covariance = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+        eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.flip(1)  # largest variance first
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues.clamp_min(0) + self.eps)[:, None])
+        filters = filters.reshape(-1, *self.weight.shape[1:]).to(self.weight)
+        self.weight.copy_(torch.cat([filters, -filters]))
+        self.initialised.fill_(True)
+        self._ready = True
 
     def forward(self, x):
-        return x + self.block(x)
+        if self.training and not self._ready:
+            if not bool(self.initialised):
+                with torch.autocast(x.device.type, enabled=False):
+                    self.init_from(x)
+            self._ready = True
+        return nn.functional.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+
+
+class _Conv(nn.Conv2d):
+    """3x3 'same' conv without bias; its first in_channels filters start as the identity (dirac),
+    so at initialisation each group passes its input through, which speeds up early training."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(c_in, c_out, 3, padding=1, bias=False)
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        nn.init.dirac_(self.weight.data[: self.in_channels])
+
+
+class _FastBias(nn.Module):
+    """A per-channel bias that learns `lr_scale` times faster than the other weights.
+
+    Stored as bias / sqrt(lr_scale) and multiplied back in the forward pass, its gradient grows by
+    sqrt(lr_scale) and each step's effect on the bias by lr_scale: airbench's bias_scaler, with no
+    optimiser parameter groups needed, so any optimiser (and a deep copy of the model) keeps it.
+    """
+
+    def __init__(self, channels: int, lr_scale: float):
+        super().__init__()
+        self.scale = float(lr_scale) ** 0.5
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):
+        return x + (self.bias * self.scale).to(x.dtype).view(1, -1, 1, 1)
+
+
+class _ConvGroup(nn.Sequential):
+    """conv, max-pool (halves the resolution), BN, GELU, conv, BN, GELU.
+
+    BatchNorm has no scale (with GELU after it, a learned scale adds little) and its bias is a
+    _FastBias; it stays a plain nn.BatchNorm2d, which SyncBatchNorm conversion and timm understand.
+    Its running statistics use momentum 0.4: they follow the fast-changing weights of a short run.
+    """
+
+    def __init__(self, c_in: int, c_out: int, momentum: float, bias_lr_scale: float):
+        super().__init__(
+            _Conv(c_in, c_out), nn.MaxPool2d(2),
+            nn.BatchNorm2d(c_out, momentum=momentum, affine=False), _FastBias(c_out, bias_lr_scale), nn.GELU(),
+            _Conv(c_out, c_out),
+            nn.BatchNorm2d(c_out, momentum=momentum, affine=False), _FastBias(c_out, bias_lr_scale), nn.GELU())
 
 
 class FastCNN(_Classifier):
-    """A ResNet-9-style net for small images (the design behind the fast CIFAR-10 trainers).
+    """airbench94's net: whitening 2x2 conv, then one VGG-like group (two 3x3 convs and a 2x2
+    max-pool) per width, global max-pool, and a bias-free linear head scaled by 1/9.
 
-    A 3x3 stem, then per stage: conv, max-pool (halves the resolution), BatchNorm, GELU, and a
-    residual pair of convs. Global max-pool and a bias-free linear head scaled down, which keeps the
-    logits small early in training so a high learning rate is stable.
+    What makes it train fast (Jordan, "94% on CIFAR-10 in 3.29 seconds", 2024): the frozen whitening
+    layer, identity-initialised convs, BatchNorm without scales, fast-learning BatchNorm biases
+    and low-momentum running statistics, GELU, and small initial logits (the 1/9 head scale) that
+    let a high learning rate be stable. Works on any input of at least 16 px; with widths
+    (64, 256, 256) it is airbench94's net exactly, with narrower widths a faster, weaker one.
     """
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 3, widths=(64, 128, 256, 512),
-                 residual_stages=(0, 2), head_scale: float = 0.125, drop_rate: float = 0.0):
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, widths=(64, 256, 256),
+                 head_scale: float = 1 / 9, drop_rate: float = 0.0, bn_momentum: float = 0.4,
+                 bias_lr_scale: float = 64.0):
         super().__init__()
         widths = tuple(int(w) for w in widths)
+        if not widths:
+            raise ModelError("fast_cnn needs at least one width")
         self.num_classes, self.num_features, self.head_scale = num_classes, widths[-1], head_scale
-        self.stem = _conv_bn(in_chans, widths[0])
-        stages = []
-        for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
-            stage = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.MaxPool2d(2),
-                     nn.BatchNorm2d(c_out), nn.GELU()]
-            if i in residual_stages:
-                stage.append(_Residual(c_out))
-            stages.append(nn.Sequential(*stage))
-        self.stages = nn.Sequential(*stages)
+        self.whiten = _Whitening(in_chans)
+        self.act = nn.GELU()
+        c_in = self.whiten.out_channels
+        groups = []
+        for width in widths:
+            groups.append(_ConvGroup(c_in, width, bn_momentum, bias_lr_scale))
+            c_in = width
+        self.groups = nn.Sequential(*groups)
         self.pool = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(drop_rate))
         self.fc = nn.Linear(widths[-1], num_classes, bias=False)
 
+    def forward_features(self, x):
+        # channels_last is what oneDNN (CPU) and cuDNN (GPU) run convolutions fastest in; a no-op
+        # when the batch already is (as the in-memory loader's batches are).
+        x = x.contiguous(memory_format=torch.channels_last)
+        return self.groups(self.act(self.whiten(x)))
+
     def forward(self, x):
-        return self.fc(self.pool(self.stages(self.stem(x)))) * self.head_scale
+        return self.fc(self.pool(self.forward_features(x))) * self.head_scale
 
 
 # ----------------------------------------------------------------------------------------------

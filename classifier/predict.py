@@ -12,6 +12,8 @@ from typing import Sequence
 
 import torch
 from PIL import Image
+from torch import nn
+from torch.nn import functional as F
 from torchvision import transforms as T
 
 from classifier.bundle import Bundle, load_bundle
@@ -37,8 +39,32 @@ def eval_transform(bundle: Bundle) -> T.Compose:
     return T.Compose(steps)
 
 
+def tta_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Test-time augmentation (airbench's): the logits of the batch and its mirror image, averaged
+    with those of both shifted by one pixel up-left and down-right (borders reflected). The
+    unshifted pair weighs half: it is what the model saw most in training."""
+    def with_mirror(v):
+        return (model(v) + model(v.flip(-1))) / 2
+
+    height, width = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = (with_mirror(padded[..., :height, :width]) + with_mirror(padded[..., 2:, 2:])) / 2
+    return (with_mirror(x) + shifted) / 2
+
+
+class TTA(nn.Module):
+    """`model` with test-time augmentation (see tta_logits), as a module that evaluation code takes."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return tta_logits(self.model, x)
+
+
 class Predictor:
-    """Load once, predict many times. `tta` averages the image with its mirror image."""
+    """Load once, predict many times. `tta`: test-time augmentation (mirror and 1-pixel shifts)."""
 
     def __init__(self, bundle: Bundle | str | os.PathLike, device: str | torch.device = "cpu", tta: bool = False):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, device=device)
@@ -57,9 +83,7 @@ class Predictor:
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(self.device)
-        logits = self.model(batch)
-        if self.tta:
-            logits = torch.stack([logits, self.model(batch.flip(-1))]).mean(0)
+        logits = tta_logits(self.model, batch) if self.tta else self.model(batch)
         return (logits.float() / self.temperature).softmax(-1).cpu()
 
     def predict_batch(self, images: Sequence[ImageSource], top_k: int | None = None) -> list[dict[str, float]]:
@@ -74,3 +98,16 @@ class Predictor:
         k = min(top_k or len(self.labels), len(self.labels))
         top = probs.topk(k)
         return {self.labels[int(i)]: float(p) for p, i in zip(top.values, top.indices)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m classifier.predict BUNDLE IMAGE ...`: the command line lives in predict_cli."""
+    from classifier.predict_cli import main as cli_main
+
+    return cli_main(argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

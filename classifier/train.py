@@ -20,7 +20,6 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -240,8 +239,8 @@ def fit(
     model.to(device)
     if config.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    if sync_batchnorm and dist.is_initialized():
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if sync_batchnorm:  # before the optimiser sees the model and before DDP wraps it
+        model = distributed.convert_sync_batchnorm(model, device)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -250,9 +249,14 @@ def fit(
     start_epoch, bad_epochs = 0, 0
 
     checkpoint_path = out_dir / LAST_CHECKPOINT
-    if resume and checkpoint_path.exists():
-        # Every rank reads the same file; weights_only refuses anything but tensors and plain data.
+    state = None
+    if resume and is_main and checkpoint_path.exists():
+        # weights_only refuses anything but tensors and plain data.
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    # Rank 0 alone reads and sends the state to the others: every rank resumes from the same
+    # checkpoint, and ranks on other machines need not see rank 0's disk.
+    state = distributed.broadcast_state(state)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

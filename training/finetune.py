@@ -5,9 +5,13 @@
         --model tf_efficientnet_lite0 --epochs 3 --image-size 96 --out runs/lite0
     python training/finetune.py --data path/to/folder --model tutorial_cifar_cnn --epochs 30
     torchrun --nproc_per_node=4 training/finetune.py ...      (DistributedDataParallel)
+    python training/finetune.py ... --push-to-hub alice/cifar10-fast-cnn [--private] [--revision v2]
 
 Every option has a default; `--help` lists them. Checkpoints and logs go to --out, the bundle to
---out/bundle; `--resume` continues an interrupted run from --out/last.pt.
+--out/bundle; `--resume` continues an interrupted run from --out/last.pt. Under torchrun
+--max-restarts, a restarted job (TORCHELASTIC_RESTART_COUNT > 0) resumes by itself.
+Exit status: 0 done, 2 a problem with data, arguments or weights, 3 trained and saved but the push
+to the Hub failed (the bundle stays; `python -m classifier.hub push` retries it), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -19,20 +23,28 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from classifier import distributed  # noqa: E402
-from classifier.bundle import BundleError  # noqa: E402
-from classifier.data import DataError  # noqa: E402
-from classifier.experiment import RunConfig, command_line, run, summarize  # noqa: E402
-from classifier.hub import HubError  # noqa: E402
-from classifier.images import ImageError  # noqa: E402
-from classifier.models import ModelError  # noqa: E402
-from classifier.train import TrainingDiverged  # noqa: E402
+from classifier import distributed, hub  # noqa: E402
+# USER_ERRORS: mistakes in data, arguments or weights, reported as one readable line. Anything else
+# is a bug, and its traceback is worth seeing.
+from classifier.experiment import (RECIPES, USER_ERRORS, RunConfig, apply_recipe, command_line, run,  # noqa: E402
+                                   summarize)
 
-# Mistakes in data, arguments or weights: reported as one readable line. Anything else is a bug,
-# and its traceback is worth seeing.
-USER_ERRORS = (DataError, ModelError, BundleError, ImageError, TrainingDiverged, HubError)
+
+def lr_value(text: str) -> float | str:
+    """--lr: a positive number, or "auto" for the learning-rate finder's suggestion."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a number nor 'auto'") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"the learning rate must be positive, not {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,16 +68,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-args", type=json.loads, default={}, help='JSON of model arguments, e.g. \'{"c1": 32, "c2": 64, "l1": 256}\'')
     g.add_argument("--image-size", type=int, default=d.image_size, help="input resolution (default: the data's own from scratch, the model's when pretrained)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--recipe", choices=["auto", "none", *RECIPES], default="auto",
+                   help="fill the options not given from a recipe: fast = airbench94's (batch 512, SGD lr 0.75 "
+                        "Nesterov 0.85, label smoothing 0.2, bf16, TTA; see classifier.experiment.RECIPES); "
+                        "auto = fast for fast_cnn, none otherwise")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training split")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size (split across DDP processes)")
-    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: 0.05 SGD / 1e-3 AdamW, times batch/128)")
-    g.add_argument("--optimizer", choices=["sgd", "adamw"], default=d.optimizer)
-    g.add_argument("--momentum", type=float, default=d.momentum)
-    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=d.nesterov)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--schedule", choices=["onecycle", "cosine", "constant"], default=d.schedule)
-    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
-    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    g.add_argument("--lr", type=lr_value, default=d.lr,
+                   help="peak learning rate, or 'auto' to run the learning-rate finder first and use its "
+                        "suggestion (default: 0.05 SGD / 1e-3 AdamW, times batch/128)")
+    g.add_argument("--lr-finder-steps", type=int, default=d.lr_finder_steps, help="steps of the range test --lr auto runs")
+    g.add_argument("--optimizer", choices=["sgd", "adamw"], default=d.optimizer, help="SGD with (Nesterov) momentum, or AdamW")
+    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=d.nesterov, help="Nesterov momentum for SGD")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="decoupled for AdamW; not applied to biases and norms")
+    g.add_argument("--schedule", choices=["onecycle", "cosine", "constant"], default=d.schedule, help="learning-rate schedule, stepped per batch")
+    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up length (onecycle: its rising phase)")
+    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="cross-entropy label smoothing")
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm")
     g.add_argument("--freeze-epochs", type=int, default=d.freeze_epochs, help="epochs training only the new head (default: 1 when pretrained)")
     g.add_argument("--backbone-lr-scale", type=float, default=d.backbone_lr_scale, help="body learning rate / head learning rate (default: 0.1 when pretrained)")
@@ -74,27 +93,76 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sync-batchnorm", action="store_true", help="with DDP: synchronise BatchNorm statistics across processes")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, mps")
     g.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
+    g.add_argument("--loader", choices=["auto", "memory", "workers"], default=d.loader,
+                   help="memory: small images as one tensor on the device, augmented there in batches "
+                        "(classifier.fastdata); workers: a DataLoader with worker processes; auto: memory "
+                        "when the data was decoded into memory and fits")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=d.out, help="run folder: checkpoints, metrics.jsonl, curves.png; the bundle in OUT/bundle")
     g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    g.add_argument("--tta", action="store_true", help="evaluate with test-time augmentation (horizontal flip)")
+    g.add_argument("--tta", action=argparse.BooleanOptionalAction, default=d.tta,
+                   help="evaluate with test-time augmentation (mirror images and 1-pixel shifts)")
     g.add_argument("--mistakes", type=int, default=d.mistakes, help="how many misclassified test images to keep in the bundle")
+    g.add_argument("--push-to-hub", metavar="OWNER/NAME", type=repo_id_value, default=None,
+                   help="after training, upload the bundle with its model card to this Hub model repository")
+    g.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    g.add_argument("--revision", default=None, help="with --push-to-hub: branch to push to (created if missing)")
+    g.add_argument("--commit-message", default=None, help="with --push-to-hub: the commit message")
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
+def repo_id_value(text: str) -> str:
+    """--push-to-hub: checked before training starts, not after hours of it."""
+    try:
+        return hub.validate_repo_id(text)
+    except hub.HubError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def push(bundle_dir: Path, args: argparse.Namespace) -> int:
+    """Upload the saved bundle. A failure leaves it in place and says so: exit status 3."""
+    try:
+        pushed = hub.push_bundle(bundle_dir, args.push_to_hub, private=args.private, revision=args.revision,
+                                 commit_message=args.commit_message)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    print(f"pushed {len(pushed.files)} files to {pushed.url}")
+    return 0
+
+
+def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The RunConfig fields of the options that `argv` sets (a recipe fills only the others)."""
+    words = {word.split("=", 1)[0] for word in argv if word.startswith("--")}
+    return {action.dest for action in parser._actions if words & set(action.option_strings)}
+
+
+def config_from_args(args: argparse.Namespace, given: set[str] = frozenset()) -> RunConfig:
     values = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
     if args.classes:
         values["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
-    return RunConfig(**values, command=command_line())
+    return RunConfig(**apply_recipe(values, given), command=command_line())
 
 
+@record  # under torchrun: a failing process's traceback is written where torchrun reports it
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    distributed.init_from_env()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    distributed.init_from_env(args.device)
+    is_main = distributed.is_main_process()
+    # Under torchrun every process runs this; rank 0 reports progress, the others only problems.
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s",
+                        stream=sys.stdout)
+    if distributed.restarted() and not args.resume:
+        # torchrun --max-restarts started the job again after a process failed: continue from the
+        # last checkpoint in --out rather than start over.
+        args.resume = True
+        logging.getLogger(__name__).info("restarted by torchrun after a failure: resuming from %s", args.out)
+    blocker = hub.push_blocker() if is_main and args.push_to_hub else None
+    if blocker:  # said now rather than after training; the run goes ahead and keeps its bundle anyway
+        logging.getLogger(__name__).warning("warning: the push to %s will fail: %s", args.push_to_hub, blocker)
     try:
-        result = run(config_from_args(args))
+        result = run(config_from_args(args, given_options(parser, sys.argv[1:] if argv is None else argv)))
     except KeyboardInterrupt:
         print(f"interrupted; continue with the same command plus --resume (checkpoint in {args.out})", file=sys.stderr)
         return 130
@@ -104,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         distributed.shutdown()
-    if distributed.is_main_process():
+    if is_main:  # asked before shutdown(): afterwards every process would call itself rank 0
         print(summarize(result))
+        if args.push_to_hub:
+            return push(result.bundle_dir, args)
     return 0
 
 

@@ -1,0 +1,205 @@
+"""The Gradio demo and Hugging Face Space entry point: `python app.py [--model FOLDER_OR_HUB_ID]`.
+
+Layout and callbacks only; what the tabs show comes from classifier.demo. The default model is
+MODEL_ID or --model (a bundle folder or a Hub id), else the best bundle shipped in assets/models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from typing import NamedTuple
+
+import gradio as gr
+import pandas as pd
+import torch
+
+from classifier import demo as logic
+from classifier.bundle import BundleError
+from classifier.hub import HubError
+from classifier.images import ImageError
+
+MAX_FILE_SIZE = "10mb"  # a photo worth classifying is far smaller; bigger uploads are refused unread
+QUEUE_SIZE = 64  # requests waiting beyond this are turned away at once instead of timing out
+CONCURRENCY = 2  # predictions run at the same time; each gets cpu_count / CONCURRENCY torch threads
+TOP_K = 5
+
+
+def _user_error(exc: Exception, title: str) -> gr.Error:
+    # Expected failures (a bad upload, a missing model) need no traceback in the server log.
+    return gr.Error(str(exc), title=title, print_exception=False)
+
+
+def _table(headers: list[str], rows: list[list]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=headers)
+
+
+class ModelView(NamedTuple):
+    """Everything on the page that changes with the model, in the order of the outputs."""
+
+    classes_note: str
+    true_filter: gr.Dropdown
+    predicted_filter: gr.Dropdown
+    gallery: list
+    mistakes_note: str
+    confusion: pd.DataFrame
+    confusion_png: str | None
+    per_class: pd.DataFrame
+    summary: str
+    curves: str | None
+    samples: str | None
+
+
+def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
+              examples_dir=logic.EXAMPLES_DIR) -> gr.Blocks:
+    """The Blocks app, queued, with the default model loaded (so a broken default fails here, at
+    start-up, with BundleError or HubError) and every other model loaded on first use."""
+    store = logic.ModelStore(logic.model_choices(models_dir, model_id))
+    if not store.choices:
+        raise BundleError(f"no model bundles in {models_dir} (each one a folder with config.json); "
+                          "set MODEL_ID or --model to a bundle folder or a Hub id")
+    default = logic.default_model(store.choices, model_id)
+    default_bundle = store.bundle(default)
+    # Serve the bundles' eval images and the examples straight from disk (not copied per request).
+    static = logic.servable_dirs(default_bundle.path) + [p for loc in store.choices.values()
+                                                         for p in logic.servable_dirs(loc)]
+    gr.set_static_paths(static + [str(examples_dir)])
+
+    @functools.lru_cache(maxsize=None)  # a bundle's eval/ does not change while the app serves it
+    def report(name: str) -> logic.EvalReport:
+        return logic.EvalReport.from_bundle(store.bundle(name))
+
+    def model_view(name: str) -> ModelView:
+        try:
+            bundle, evaluation = store.bundle(name), report(name)
+        except (BundleError, HubError) as exc:
+            raise _user_error(exc, "Cannot load this model") from exc
+        filters = [logic.ALL, *bundle.label_names]
+        return ModelView(
+            f"The model tells apart: {', '.join(bundle.label_names)}.",
+            gr.Dropdown(choices=filters, value=logic.ALL), gr.Dropdown(choices=filters, value=logic.ALL),
+            evaluation.gallery(), evaluation.summary(), _table(*evaluation.confusion_table()),
+            evaluation.image("confusion_matrix.png"), _table(*evaluation.per_class_table()),
+            logic.model_summary(bundle, store.location(name)), evaluation.image("curves.png"),
+            evaluation.image("samples.png"))
+
+    def predict(upload: dict | None, name: str):
+        """Runs with preprocess=False: gr.Image's own preprocessing opens the upload with Pillow
+        before our code, so a text file, an empty file or a decompression bomb would fail there
+        with Pillow's message (or none). Taking the uploaded file as it came (Gradio has already
+        checked that it is an upload) leaves every check, and the EXIF rotation, to
+        classifier.images, the one place where untrusted images are opened."""
+        if upload is None:  # the image was cleared
+            return None, ""
+        if not upload.get("path"):
+            raise gr.Error("no image file arrived; upload it again", title="Cannot classify this file",
+                           print_exception=False)
+        try:
+            prediction = logic.classify(store.get(name), upload["path"])
+        except ImageError as exc:
+            raise _user_error(exc, "Cannot classify this file") from exc
+        except (BundleError, HubError) as exc:
+            raise _user_error(exc, "Cannot load this model") from exc
+        return prediction.probabilities, prediction.timing()
+
+    def show_mistakes(name: str, true: str, predicted: str):
+        # Runs with preprocess=False: the filters' choices change with the model, and an API client
+        # has no session holding the new choices, so the classes are checked here instead.
+        try:
+            evaluation = report(name)
+            return evaluation.gallery(true, predicted), evaluation.summary(true, predicted)
+        except (BundleError, HubError, ValueError) as exc:
+            raise _user_error(exc, "Cannot show these mistakes") from exc
+
+    def cell_selected(name: str, evt: gr.SelectData):
+        # The row's own first cell names its true class, which stays right if the table is sorted.
+        true, predicted = report(name).filters_for_cell(str((evt.row_value or [None])[0]), evt.index[1])
+        return true, predicted, *show_mistakes(name, true, predicted)
+
+    initial = model_view(default)
+    with gr.Blocks(title="Image classifier", analytics_enabled=False,
+                   delete_cache=(3600, 3600)) as app:  # drop uploads older than an hour, hourly
+        gr.Markdown("# Image classifier\nUpload, paste or photograph an image; the bars are "
+                    "calibrated probabilities (80% means right about four times in five).")
+        model = gr.Dropdown(store.names, value=default, label="Model")
+        shown_model = gr.State(default)  # the model whose results the page shows
+        with gr.Tab("Classify"):
+            classes_note = gr.Markdown(initial.classes_note)
+            with gr.Row():
+                with gr.Column():
+                    image = gr.Image(sources=["upload", "clipboard", "webcam"], type="filepath",
+                                     image_mode=None, label="Image", height=360)
+                with gr.Column():
+                    label = gr.Label(num_top_classes=TOP_K, label="Top classes")
+                    timing = gr.Markdown()
+            examples = logic.example_images(examples_dir)
+            if examples:
+                gr.Examples(examples, inputs=image, label="Examples (click one)", cache_examples=False,
+                            examples_per_page=len(examples))
+        with gr.Tab("Mistakes"):
+            with gr.Row():
+                true_filter = gr.Dropdown(initial.true_filter.choices, value=logic.ALL, label="True class",
+                                          elem_id="true-filter")
+                predicted_filter = gr.Dropdown(initial.predicted_filter.choices, value=logic.ALL,
+                                               label="Predicted class", elem_id="predicted-filter")
+            mistakes_note = gr.Markdown(initial.mistakes_note)
+            gallery = gr.Gallery(initial.gallery, label="Misclassified test images: true -> predicted (p)",
+                                 columns=5, height=480, object_fit="contain", fit_columns=False,
+                                 elem_id="mistakes-gallery")
+            with gr.Row():
+                confusion = gr.Dataframe(initial.confusion, interactive=False, elem_id="confusion",
+                                         label="Confusion matrix (rows true, columns predicted): "
+                                               "click a cell to see those mistakes")
+                confusion_png = gr.Image(initial.confusion_png, label="Confusion matrix", interactive=False)
+            per_class = gr.Dataframe(initial.per_class, interactive=False, label="Per-class metrics (test set)")
+        with gr.Tab("Model"):
+            summary = gr.Markdown(initial.summary)
+            with gr.Row():
+                curves = gr.Image(initial.curves, label="Training curves", interactive=False)
+                samples = gr.Image(initial.samples, label="Test images with predictions", interactive=False)
+
+        image.change(predict, [image, model], [label, timing], api_name="classify", preprocess=False,
+                     trigger_mode="always_last")
+        switch = model.change(model_view, model, [classes_note, true_filter, predicted_filter, gallery,
+                                                  mistakes_note, confusion, confusion_png, per_class, summary,
+                                                  curves, samples], api_name="select_model")
+        # A model that will not load leaves its error on screen and the dropdown back on the model
+        # the page still shows, so the two never disagree; a good one re-classifies the image.
+        switch.success(lambda name: name, model, shown_model, api_visibility="private").then(
+            predict, [image, model], [label, timing], preprocess=False, api_visibility="private")
+        switch.failure(lambda previous: previous, shown_model, model, api_visibility="private")
+        gr.on([true_filter.input, predicted_filter.input], show_mistakes,
+              [model, true_filter, predicted_filter], [gallery, mistakes_note], api_name="mistakes",
+              preprocess=False)
+        confusion.select(cell_selected, model, [true_filter, predicted_filter, gallery, mistakes_note],
+                         api_visibility="private")
+
+    return app.queue(max_size=QUEUE_SIZE, default_concurrency_limit=CONCURRENCY)
+
+
+def launch(app: gr.Blocks, **kwargs):
+    """Launch with the limits every deployment needs; tests and benchmarks call this too."""
+    return app.launch(max_file_size=MAX_FILE_SIZE, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=os.environ.get("MODEL_ID"),
+                        help="a bundle folder or Hub id (default: $MODEL_ID, else the best in assets/models)")
+    parser.add_argument("--models-dir", default=str(logic.MODELS_DIR), help="folder of bundles for the dropdown")
+    parser.add_argument("--host", default=None, help="default: $GRADIO_SERVER_NAME or 127.0.0.1")
+    parser.add_argument("--port", type=int, default=None, help="default: $GRADIO_SERVER_PORT or 7860")
+    args = parser.parse_args(argv)
+    try:
+        app = build_app(args.models_dir, args.model)
+    except (BundleError, HubError) as exc:
+        sys.exit(f"app.py: cannot start: {exc}")
+    # Split the cores between the predictions that may run at once, so they do not oversubscribe.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // CONCURRENCY))
+    launch(app, server_name=args.host, server_port=args.port)
+
+
+if __name__ == "__main__":
+    main()

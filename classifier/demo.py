@@ -1,0 +1,314 @@
+"""What the Gradio app shows, without Gradio: which bundles there are, one Predictor per bundle,
+a timed prediction, the misclassified examples filtered by class, and the tables and text of the
+Mistakes and Model tabs.
+
+app.py only lays these out and wires events to them, so everything here is plain Python that the
+tests call directly, and the app never re-derives anything from training data: it reads the bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image
+
+from classifier.bundle import CONFIG_FILE, Bundle, BundleError, load_bundle
+from classifier.hub import HubError
+from classifier.images import ImageError, ImageSource
+from classifier.predict import Predictor
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODELS_DIR = REPO_ROOT / "assets" / "models"
+EXAMPLES_DIR = REPO_ROOT / "assets" / "examples"
+# The shipped bundles, best first: the fine-tuned EfficientNet-Lite0 beats the from-scratch CNN.
+# Any other folder in assets/models comes after these, in name order.
+PREFERRED_MODELS = ("cifar10-efficientnet-lite0", "cifar10-cnn")
+ALL = "all"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
+
+
+# ----------------------------------------------------------------------------------------------
+# Which models there are, and the default
+
+
+def find_bundles(models_dir: str | os.PathLike = MODELS_DIR) -> dict[str, str]:
+    """{folder name: folder path} for every bundle (a folder with a config.json) in models_dir."""
+    root = Path(models_dir)
+    if not root.is_dir():
+        return {}
+    return {p.name: str(p) for p in sorted(root.iterdir()) if (p / CONFIG_FILE).is_file()}
+
+
+def model_choices(models_dir: str | os.PathLike = MODELS_DIR, extra: str | None = None) -> dict[str, str]:
+    """{name shown in the dropdown: location for load_bundle}; `extra` (MODEL_ID or --model, a
+    folder or a Hub id) comes first, unless it is one of the shipped folders already."""
+    shipped = find_bundles(models_dir)
+    if not extra:
+        return shipped
+    for name, location in shipped.items():
+        if Path(extra).expanduser().resolve() == Path(location).resolve():
+            return shipped
+    return {extra: extra, **shipped}
+
+
+def default_model(choices: dict[str, str], requested: str | None = None,
+                  preferred: Sequence[str] = PREFERRED_MODELS) -> str:
+    """The dropdown name to start with: the requested one, else the first preferred, else the first."""
+    if requested:
+        for name, location in choices.items():
+            if requested in (name, location) or (
+                    Path(requested).expanduser().exists()
+                    and Path(requested).expanduser().resolve() == Path(location).resolve()):
+                return name
+        raise BundleError(f"{requested}: not among the models {list(choices)}")
+    for name in preferred:
+        if name in choices:
+            return name
+    if not choices:
+        raise BundleError("no model bundles to choose from")
+    return next(iter(choices))
+
+
+class ModelStore:
+    """Loads each bundle once, on first use, and keeps its Predictor for every later request.
+
+    Gradio runs callbacks in worker threads, so two requests may ask for a model at the same time;
+    a lock per model makes the second wait for the first load instead of loading it twice.
+    """
+
+    def __init__(self, choices: dict[str, str]):
+        self.choices = dict(choices)
+        self._predictors: dict[str, Predictor] = {}
+        self._locks = {name: threading.Lock() for name in self.choices}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.choices)
+
+    def location(self, name: str) -> str:
+        if name not in self.choices:
+            raise BundleError(f"unknown model {name!r}; choose one of {self.names}")
+        return self.choices[name]
+
+    def get(self, name: str) -> Predictor:
+        location = self.location(name)
+        with self._locks[name]:
+            if name not in self._predictors:
+                bundle = self._load(location)
+                # A bundle evaluated with test-time augmentation had its accuracy measured and its
+                # temperature fitted on augmented logits: predict the same way, or neither holds.
+                predictor = Predictor(bundle, tta=bool(bundle.project.get("tta", False)))
+                # One throwaway prediction, so the first person to ask does not wait for PyTorch's
+                # lazy set-up (allocators, kernel choice), which made the first request several
+                # times slower.
+                predictor.predict(Image.new("RGB", (64, 64)))
+                self._predictors[name] = predictor
+            return self._predictors[name]
+
+    @staticmethod
+    def _load(location: str) -> Bundle:
+        try:
+            return load_bundle(location)
+        except (BundleError, HubError):
+            raise
+        except Exception as exc:  # an unknown architecture, corrupt safetensors: still the bundle's fault
+            raise BundleError(f"{location}: cannot load this bundle ({type(exc).__name__}: {exc})") from exc
+
+    def bundle(self, name: str) -> Bundle:
+        return self.get(name).bundle
+
+
+# ----------------------------------------------------------------------------------------------
+# Classify
+
+
+@dataclass
+class Prediction:
+    probabilities: dict[str, float]
+    seconds: float
+
+    def timing(self) -> str:
+        return f"Predicted in **{self.seconds * 1000:.1f} ms** (decode, resize and model, on the CPU)"
+
+
+def classify(predictor: Predictor, image: ImageSource, top_k: int | None = None) -> Prediction:
+    """A timed, calibrated prediction; an unusable image raises ImageError naming the file by its
+    own name (not the server's temporary path, which means nothing to the person uploading)."""
+    start = time.perf_counter()
+    try:
+        probabilities = predictor.predict(image, top_k=top_k)
+    except ImageError as exc:
+        if isinstance(image, (str, os.PathLike)):
+            raise ImageError(str(exc).replace(str(image), Path(image).name)) from exc
+        raise
+    return Prediction(probabilities, time.perf_counter() - start)
+
+
+def example_images(folder: str | os.PathLike = EXAMPLES_DIR) -> list[str]:
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    return [str(p) for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+# ----------------------------------------------------------------------------------------------
+# Mistakes
+
+
+@dataclass
+class EvalReport:
+    """A bundle's eval/ folder: the test metrics and the saved misclassified examples."""
+
+    labels: list[str]
+    eval_dir: Path
+    metrics: dict = field(default_factory=dict)
+    mistakes: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> "EvalReport":
+        eval_dir = bundle.eval_path()
+        metrics = bundle.eval_metrics() or {}
+        index = eval_dir / "mistakes.json"
+        mistakes = json.loads(index.read_text()) if index.is_file() else []
+        # Keep only entries whose thumbnail is there: a gallery of broken images helps no one.
+        mistakes = [m for m in mistakes if (eval_dir / m["file"]).is_file()]
+        return cls(bundle.label_names, eval_dir, metrics, mistakes)
+
+    @property
+    def confusion_matrix(self) -> list[list[int]]:
+        return self.metrics.get("confusion_matrix") or []
+
+    def image(self, name: str) -> str | None:
+        path = self.eval_dir / name
+        return str(path) if path.is_file() else None
+
+    def filter(self, true: str = ALL, predicted: str = ALL) -> list[dict]:
+        for name in (true, predicted):
+            if name not in (ALL, None) and name not in self.labels:
+                raise ValueError(f"{name!r} is not a class of this model ({', '.join(self.labels)})")
+        return [m for m in self.mistakes
+                if true in (ALL, None, m["true"]) and predicted in (ALL, None, m["predicted"])]
+
+    def gallery(self, true: str = ALL, predicted: str = ALL) -> list[tuple[str, str]]:
+        """(thumbnail path, "true -> predicted (p%)") for each matching mistake, worst first."""
+        return [(str(self.eval_dir / m["file"]), caption(m)) for m in self.filter(true, predicted)]
+
+    def summary(self, true: str = ALL, predicted: str = ALL) -> str:
+        shown = len(self.filter(true, predicted))
+        if not self.metrics and not self.mistakes:
+            return "This bundle has no evaluation (no eval/ folder)."
+        text = f"**{shown}** misclassified test image{'s' if shown != 1 else ''} shown"
+        errors = self.errors_in_test_set(true, predicted)
+        if errors is not None and errors != shown:
+            # The bundle keeps the highest-loss mistakes only (training's --mistakes).
+            text += f" of {errors} in the test set (the bundle keeps the most confident mistakes)"
+        if true not in (ALL, None) and true == predicted:
+            text += f". *{true} -> {true}* are the correct predictions: pick two different classes"
+        return text + "."
+
+    def errors_in_test_set(self, true: str = ALL, predicted: str = ALL) -> int | None:
+        """How many test images the confusion matrix counts as `true` predicted as `predicted`."""
+        matrix = self.confusion_matrix
+        if not matrix:
+            return None
+        rows = range(len(self.labels)) if true in (ALL, None) else [self.labels.index(true)]
+        cols = range(len(self.labels)) if predicted in (ALL, None) else [self.labels.index(predicted)]
+        return sum(matrix[r][c] for r in rows for c in cols if r != c)
+
+    def per_class_table(self) -> tuple[list[str], list[list]]:
+        headers = ["class", "precision", "recall", "F1", "support"]
+        rows = [[c["class"], round(c["precision"], 3), round(c["recall"], 3), round(c["f1"], 3),
+                 int(c["support"])] for c in self.metrics.get("per_class", [])]
+        return headers, rows
+
+    def confusion_table(self) -> tuple[list[str], list[list]]:
+        """Rows are true classes, columns predicted ones; the first column names the row."""
+        headers = ["true \\ predicted", *self.labels]
+        rows = [[label, *map(int, counts)] for label, counts in zip(self.labels, self.confusion_matrix)]
+        return headers, rows
+
+    def filters_for_cell(self, true_label: str, column: int) -> tuple[str, str]:
+        """The (true, predicted) filters for a clicked cell of confusion_table: its row's class and
+        its column's class, or every prediction when the clicked cell is the row's name."""
+        if true_label not in self.labels:
+            return ALL, ALL
+        if column <= 0 or column > len(self.labels):
+            return true_label, ALL
+        return true_label, self.labels[column - 1]
+
+
+def caption(mistake: dict) -> str:
+    return f"{mistake['true']} -> {mistake['predicted']} ({mistake['p_predicted']:.0%})"
+
+
+def servable_dirs(bundle_dir: str | os.PathLike) -> list[Path]:
+    """The folders the app must be allowed to serve for a bundle's eval/ images. A Hub download
+    is a folder of symlinks into the cache's blobs/, and Gradio checks the resolved path, so the
+    targets' folders are listed too. Never the bundle root, whose weights nobody needs to fetch."""
+    eval_dir = Path(bundle_dir) / "eval"
+    if not eval_dir.is_dir():
+        return []
+    dirs = {eval_dir.resolve()}
+    dirs.update(p.resolve().parent for p in eval_dir.rglob("*") if p.is_file())
+    return sorted(dirs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+def _percent(value) -> str:
+    return f"{value:.1%}" if isinstance(value, (int, float)) else "unknown"
+
+
+def describe_source(location: str) -> str:
+    path = Path(location).expanduser()
+    if path.exists():
+        try:
+            return f"local folder `{path.resolve().relative_to(REPO_ROOT)}`"
+        except ValueError:
+            return f"local folder `{path.resolve()}`"
+    repo_id = location.removeprefix("hf-hub:")
+    return f"Hugging Face Hub [{repo_id}](https://huggingface.co/{repo_id})"
+
+
+def model_summary(bundle: Bundle, location: str) -> str:
+    """The Model tab as a Markdown table: what it is, what it was trained on, how good it is."""
+    project = bundle.project
+    metrics = bundle.eval_metrics() or project.get("metrics", {})
+    calibration = metrics.get("calibration", {})
+    parameters = project.get("parameters") or sum(p.numel() for p in bundle.model.parameters())
+    dataset = project.get("dataset", "unknown")
+    counts = [f"{project[k]:,} {k.removeprefix('num_')}" for k in ("num_train", "num_val", "num_test")
+              if isinstance(project.get(k), int)]
+    if counts:
+        dataset += f" ({', '.join(counts)} images)"
+    input_size = "x".join(str(v) for v in bundle.pretrained_cfg["input_size"][1:])
+    base = project.get("base_model") or ("ImageNet weights" if project.get("pretrained") else "none (from scratch)")
+    ece_before = calibration.get("ece_before", metrics.get("ece_before_calibration"))
+    ece_after = calibration.get("ece_after", metrics.get("ece"))
+    rows = [
+        ("Architecture", f"`{bundle.architecture}`, {input_size} px input"),
+        ("Parameters", f"{parameters:,}"),
+        ("Classes", ", ".join(bundle.label_names)),
+        ("Dataset", dataset),
+        ("Pretrained from", base),
+        ("Test accuracy", _percent(metrics.get("accuracy"))
+         + (f" (macro F1 {metrics['macro_f1']:.3f})" if "macro_f1" in metrics else "")),
+        ("Test-time augmentation", "yes: mirror image and 1-pixel shifts averaged, in testing and here"
+         if project.get("tta") else "no"),
+        ("Calibration", f"temperature {bundle.temperature:.3f}; expected calibration error "
+                        f"{_percent(ece_before)} before, {_percent(ece_after)} after"),
+        ("Source", describe_source(location)),
+        ("Training command", f"`{project['command']}`" if project.get("command") else "not recorded"),
+        ("Library versions", ", ".join(f"{k} {v}" for k, v in project.get("versions", {}).items()) or "not recorded"),
+    ]
+    # A "|" inside a cell (a shell pipe in the command, say) would end the cell early.
+    lines = [f"| {key} | {str(value).replace('|', chr(92) + '|')} |" for key, value in rows]
+    return "\n".join([lines[0], "|---|---|", *lines[1:]]) + "\n"

@@ -1,0 +1,235 @@
+"""The prediction command line: `python -m classifier.predict BUNDLE IMAGE [IMAGE or FOLDER ...]`.
+
+    python -m classifier.predict runs/latest/bundle photo.jpg                 top-5 classes per image
+    python -m classifier.predict owner/name photo.jpg --plot photo-pred.png    image beside a bar chart
+    python -m classifier.predict runs/latest/bundle a.jpg b.png --json         for scripts
+    python -m classifier.predict runs/latest/bundle test/ --submission out.csv
+    python -m classifier.predict runs/latest/bundle --csv test.csv --image-dir test/ --submission out.csv
+
+A folder stands for every image under it (the id is the file name without its extension); a CSV
+with an `id` column names the images by id, found in --image-dir as `<id>` or `<id>.<ext>`, and
+the submission keeps the CSV's order. An image that cannot be read gets one error line on stderr,
+the others are still predicted, and the exit status is 1 (2 when nothing could run at all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from classifier.data import IMAGE_EXTENSIONS
+from classifier.images import ImageError
+
+PLOT_MAX_IMAGES = 12  # a figure with more rows than this is unreadable
+
+
+class InputError(ValueError):
+    """Inputs that cannot be turned into a list of images, worded for the user."""
+
+
+@dataclass
+class Item:
+    id: str  # what the submission calls the image: the CSV id, or the file name without extension
+    path: Path | None  # None: the CSV names an id with no image file
+    predictions: dict[str, float] | None = None
+    error: str | None = None
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def items_from_paths(paths: Iterable[str | os.PathLike]) -> list[Item]:
+    """Files as given (whatever their extension: the decoder decides), folders expanded."""
+    items = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            found = _images_under(path)
+            if not found:
+                raise InputError(f"{path}: the folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            items += [Item(p.stem, p) for p in found]
+        else:
+            items.append(Item(path.stem, path))  # a missing file becomes that image's error line
+    return items
+
+
+def items_from_csv(csv_path: str | os.PathLike, image_dir: str | os.PathLike | None = None) -> list[Item]:
+    """One item per row of a CSV with an `id` column (any other columns are ignored)."""
+    csv_path = Path(csv_path).expanduser()
+    if not csv_path.is_file():
+        raise InputError(f"{csv_path}: no such CSV file")
+    image_dir = Path(image_dir).expanduser() if image_dir else csv_path.parent
+    if not image_dir.is_dir():
+        raise InputError(f"{image_dir}: no such image folder")
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = {c.strip().lower(): c for c in reader.fieldnames or []}
+        if "id" not in columns:
+            raise InputError(f"{csv_path}: needs an 'id' column, found {reader.fieldnames}")
+        ids = [row[columns["id"]].strip() for row in reader]
+    by_name: dict[str, Path] = {}
+    for path in _images_under(image_dir):
+        by_name.setdefault(path.stem, path)
+        by_name.setdefault(path.name, path)
+    return [Item(i, by_name[i]) if i in by_name else Item(i, None, error=f"{i}: no image with this id in {image_dir}")
+            for i in ids]
+
+
+def _load(predictor, item: Item) -> torch.Tensor | None:
+    if item.error:
+        return None
+    try:
+        return predictor.preprocess(item.path)
+    except ImageError as exc:
+        item.error = str(exc)
+        return None
+
+
+def predict_items(predictor, items: list[Item], top_k: int = 5, batch_size: int = 64) -> Iterator[Item]:
+    """Fill each item's predictions (or error) in batches, yielding items in order as they finish."""
+    labels = predictor.labels
+    k = min(top_k, len(labels))
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        tensors = [(item, _load(predictor, item)) for item in chunk]
+        good = [(item, x) for item, x in tensors if x is not None]
+        if good:
+            probs = predictor.probabilities(torch.stack([x for _, x in good]))
+            for (item, _), p in zip(good, probs):
+                top = p.topk(k)
+                item.predictions = {labels[int(i)]: float(v) for v, i in zip(top.values, top.indices)}
+        yield from chunk
+
+
+def write_submission(items: list[Item], path: str | os.PathLike) -> int:
+    """id,label for each predicted item (the top class); returns the number of rows."""
+    rows = [(item.id, next(iter(item.predictions))) for item in items if item.predictions]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "label"])
+        writer.writerows(rows)
+    return len(rows)
+
+
+def plot_predictions(items: list[Item], path: str | os.PathLike, channels: int = 3) -> Path:
+    """One row per image: the image on the left, its top classes as horizontal bars on the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from classifier.images import open_image
+
+    shown = [item for item in items if item.predictions][:PLOT_MAX_IMAGES]
+    if not shown:
+        raise InputError("no image could be predicted, so there is nothing to plot")
+    fig, axes = plt.subplots(len(shown), 2, figsize=(9, 2.6 * len(shown)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 1.6]})
+    for (ax_image, ax_bars), item in zip(axes, shown):
+        ax_image.imshow(open_image(item.path, channels), cmap="gray" if channels == 1 else None)
+        ax_image.set_title(item.path.name, fontsize=9)
+        ax_image.axis("off")
+        names, probs = list(item.predictions)[::-1], list(item.predictions.values())[::-1]
+        bars = ax_bars.barh(names, probs, color=["tab:blue"] * (len(names) - 1) + ["tab:green"])
+        ax_bars.bar_label(bars, labels=[f"{p:.1%}" for p in probs], padding=3, fontsize=8)
+        ax_bars.set_xlim(0, 1.15)
+        ax_bars.set_xlabel("probability")
+        ax_bars.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def format_item(item: Item) -> str:
+    lines = [str(item.path)]
+    width = max(len(name) for name in item.predictions)
+    for name, p in item.predictions.items():
+        lines.append(f"  {name:<{width}}  {p:7.2%}  {'#' * int(round(p * 20))}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m classifier.predict",
+                                description="Predict the classes of images with a trained bundle.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("bundle", help="a bundle folder (runs/NAME/bundle) or a Hub id (owner/name)")
+    p.add_argument("images", nargs="*", help="image files and folders of images")
+    p.add_argument("--csv", help="a CSV with an 'id' column naming the images (test.csv of a contest)")
+    p.add_argument("--image-dir", help="with --csv: the folder of images (default: the CSV's folder)")
+    p.add_argument("--top-k", type=int, default=5, help="classes to show per image")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--plot", metavar="PNG", help=f"save the images beside bar charts (the first {PLOT_MAX_IMAGES})")
+    p.add_argument("--submission", metavar="CSV", help="write id,label (the top class) for every image")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--tta", action="store_true", help="average with the mirror image")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from classifier.experiment import USER_ERRORS
+    from classifier.predict import Predictor
+    from classifier.train import pick_device
+
+    args = build_parser().parse_args(argv)
+    if not args.images and not args.csv:
+        print("error: give image files or folders, or --csv ids.csv", file=sys.stderr)
+        return 2
+    if args.top_k < 1:
+        print("error: --top-k must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        items = items_from_paths(args.images) + (items_from_csv(args.csv, args.image_dir) if args.csv else [])
+        predictor = Predictor(args.bundle, device=pick_device(args.device), tta=args.tta)
+    except (*USER_ERRORS, InputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    quiet = args.json or args.submission  # a contest's thousands of images: a summary, not pages of text
+    for item in predict_items(predictor, items, args.top_k, args.batch_size):
+        if item.error:
+            print(f"error: {item.error}", file=sys.stderr)
+        elif not quiet:
+            print(format_item(item))
+    failed = [item for item in items if item.error]
+
+    if args.json:
+        print(json.dumps([{"id": item.id, "image": str(item.path) if item.path else None,
+                           **({"predictions": item.predictions} if item.predictions else {"error": item.error})}
+                          for item in items], indent=1))
+    if args.submission:
+        rows = write_submission(items, args.submission)
+        print(f"wrote {rows} prediction(s) to {args.submission}", file=sys.stderr if args.json else sys.stdout)
+        if failed:
+            print(f"warning: {len(failed)} id(s) have no prediction and are missing from {args.submission}",
+                  file=sys.stderr)
+    if args.plot:
+        try:
+            plot = plot_predictions(items, args.plot, predictor.bundle.in_chans)
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+        else:
+            extra = sum(1 for item in items if item.predictions) - PLOT_MAX_IMAGES
+            note = f" (the first {PLOT_MAX_IMAGES}; {extra} more not shown)" if extra > 0 else ""
+            print(f"plot: {plot}{note}", file=sys.stderr if args.json else sys.stdout)
+    if failed and len(failed) == len(items):
+        return 2
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

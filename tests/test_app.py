@@ -1,0 +1,378 @@
+"""The Gradio app, driven the way a user or an API client drives it: through a running server.
+
+One server (two bundles: the tiny shapes model, and a copy of it with renamed classes and a known
+set of mistakes) is started for the module; every odd or hostile input is generated here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import socket
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from classifier import demo as logic
+from classifier.images import open_image
+from classifier.predict import Predictor
+from conftest import draw_shape
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+import app as app_module  # noqa: E402
+
+RENAMED = ["disc", "box", "wedge"]  # the shapes model's circle, square, triangle under new names
+# (true, predicted, p_predicted) of the renamed bundle's saved mistakes, worst first
+KNOWN_MISTAKES = [("disc", "box", 0.91), ("wedge", "disc", 0.84), ("disc", "wedge", 0.66), ("wedge", "disc", 0.52)]
+CONFUSION = [[8, 1, 1], [0, 10, 0], [2, 0, 8]]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def renamed_bundle(source: Path, dest: Path) -> Path:
+    """The same weights under other class names, with an eval/ whose mistakes the tests know."""
+    shutil.copytree(source, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config["label_names"] = RENAMED
+    (dest / "config.json").write_text(json.dumps(config))
+    eval_dir = dest / "eval"
+    shutil.rmtree(eval_dir / "mistakes", ignore_errors=True)
+    (eval_dir / "mistakes").mkdir(parents=True)
+    mistakes = []
+    for n, (true, predicted, p) in enumerate(KNOWN_MISTAKES):
+        draw_shape("circle").save(eval_dir / "mistakes" / f"{n:04d}.png")
+        mistakes.append({"index": n, "true": true, "predicted": predicted, "p_predicted": p, "p_true": 0.05,
+                         "loss": 3.0, "top": {predicted: p}, "file": f"mistakes/{n:04d}.png"})
+    (eval_dir / "mistakes.json").write_text(json.dumps(mistakes))
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    metrics["confusion_matrix"] = CONFUSION
+    metrics["per_class"] = [{"class": name, "precision": 0.8, "recall": 0.8, "f1": 0.8, "support": 10,
+                             "accuracy": 0.8} for name in RENAMED]
+    (eval_dir / "metrics.json").write_text(json.dumps(metrics))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def models_dir(tiny_bundle, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    shutil.copytree(tiny_bundle, root / "a-shapes")
+    renamed_bundle(tiny_bundle, root / "b-renamed")
+    return root
+
+
+@pytest.fixture(scope="module")
+def client(models_dir):
+    demo = app_module.build_app(models_dir)
+    port = free_port()
+    app_module.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield Client(f"http://127.0.0.1:{port}", verbose=False, download_files=False)
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def predictor(models_dir) -> Predictor:
+    return Predictor(models_dir / "a-shapes")
+
+
+def classify(client, path, model="a-shapes") -> tuple[dict[str, float], str]:
+    label, timing = client.predict(handle_file(str(path)), model, api_name="/classify")
+    return {c["label"]: c["confidence"] for c in label["confidences"]}, timing
+
+
+def assert_still_serving(client, predictor, tmp_path) -> None:
+    good = tmp_path / "good.png"
+    draw_shape("square", 48).save(good)
+    assert_same(classify(client, good)[0], predictor.predict(good))
+
+
+def assert_same(got: dict[str, float], expected: dict[str, float], tol: float = 1e-5) -> None:
+    assert set(got) == set(expected)
+    assert all(abs(got[k] - expected[k]) < tol for k in expected), (got, expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# Classify
+
+
+def test_classifies_an_upload_exactly_as_the_predictor_does(client, predictor, tmp_path):
+    path = tmp_path / "circle.png"
+    draw_shape("circle", 64, np.random.default_rng(3)).save(path)
+    probs, timing = classify(client, path)
+    assert_same(probs, predictor.predict(path))  # calibrated, same preprocessing, nothing lost in transit
+    assert abs(sum(probs.values()) - 1) < 1e-4
+    assert re.search(r"\*\*\d+\.\d ms\*\*", timing)
+
+
+def test_classifies_a_shipped_example(client, predictor):
+    example = logic.example_images()[0]
+    probs, _ = classify(client, example)
+    assert_same(probs, predictor.predict(example))
+
+
+def _bomb_png() -> bytes:
+    """A valid PNG header claiming 20000 x 20000 pixels (400 MP), with almost no data behind it."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+            + chunk(b"IEND", b""))
+
+
+def _truncated(fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    draw_shape("square", 96).save(buffer, fmt)
+    return buffer.getvalue()[: len(buffer.getvalue()) // 2]
+
+
+BAD_INPUTS = {
+    "fake.png": (lambda: b"this is a text file with an image's name\n", "not an image file"),
+    "notes.txt": (lambda: b"plain text", "not an image file"),
+    "empty.png": (lambda: b"", "empty"),
+    "truncated.png": (lambda: _truncated("PNG"), "damaged or truncated"),
+    "truncated.jpg": (lambda: _truncated("JPEG"), "damaged or truncated"),
+    "bomb.png": (_bomb_png, "too large to decode safely"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input_gets_a_readable_error_and_the_app_keeps_serving(client, predictor, tmp_path, name):
+    make, message = BAD_INPUTS[name]
+    path = tmp_path / name
+    path.write_bytes(make())
+    with pytest.raises(AppError) as error:
+        classify(client, path)
+    text = str(error.value)
+    assert message in text and name in text
+    assert str(tmp_path) not in text and "/gradio" not in text  # the user's file name, not server paths
+    assert_still_serving(client, predictor, tmp_path)
+
+
+def test_oversized_upload_is_refused(client, predictor, tmp_path):
+    """Over the 10 MB limit: gradio_client refuses to send it, and the server refuses it unread."""
+    import httpx
+
+    path = tmp_path / "huge.png"
+    path.write_bytes(b"\0" * (11 * 1024 * 1024))
+    with pytest.raises(ValueError, match="exceeds the maximum file size"):
+        classify(client, path)
+    response = httpx.post(f"{client.src.rstrip('/')}/gradio_api/upload",
+                          files={"files": ("huge.png", path.read_bytes(), "image/png")})
+    assert response.status_code == 413
+    assert_still_serving(client, predictor, tmp_path)
+
+
+def _rgb(kind: str, size=(64, 64), seed=1) -> Image.Image:
+    return draw_shape(kind, max(size), np.random.default_rng(seed)).resize(size)
+
+
+def _sixteen_bit(tmp: Path):
+    grey = np.asarray(_rgb("triangle").convert("L"))
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp / "deep.png")  # 16-bit: 0..65535
+    assert Image.open(tmp / "deep.png").mode.startswith("I")
+    return tmp / "deep.png", Image.fromarray(grey).convert("RGB")  # what it must look like: same greys
+
+
+def _rgba(tmp: Path):
+    rgb = np.asarray(_rgb("square")).copy()
+    alpha = np.full(rgb.shape[:2], 255, np.uint8)
+    alpha[:, :24] = 0  # a transparent left part, hiding black pixels
+    rgb[:, :24] = 0
+    Image.fromarray(np.dstack([rgb, alpha])).save(tmp / "alpha.png")
+    flattened = rgb.copy()
+    flattened[:, :24] = 255  # transparency is shown on white, not as the hidden black
+    return tmp / "alpha.png", Image.fromarray(flattened)
+
+
+def _palette_gif(tmp: Path):
+    _rgb("circle").quantize(32).save(tmp / "palette.gif")
+    return tmp / "palette.gif", Image.open(tmp / "palette.gif").convert("RGB")
+
+
+def _cmyk(tmp: Path):
+    _rgb("square").convert("CMYK").save(tmp / "print.jpg", quality=95)
+    return tmp / "print.jpg", Image.open(tmp / "print.jpg").convert("RGB")
+
+
+ODD_IMAGES = {"16-bit PNG": _sixteen_bit, "RGBA": _rgba, "palette GIF": _palette_gif, "CMYK JPEG": _cmyk}
+
+
+@pytest.mark.parametrize("kind", ODD_IMAGES)
+def test_odd_image_is_classified_as_it_looks(client, predictor, tmp_path, kind):
+    path, looks_like = ODD_IMAGES[kind](tmp_path)
+    probs, _ = classify(client, path)
+    assert_same(probs, predictor.predict(looks_like), tol=1e-4)
+
+
+def _sideways_candidates():
+    """Wide images from plain noise to a clear shape, for a model that may be unsure or very sure."""
+    rng = np.random.default_rng(0)
+    for seed in range(4):
+        noise = rng.integers(0, 256, (48, 96, 3), dtype=np.uint8)
+        shape = np.asarray(draw_shape("triangle", 96, np.random.default_rng(seed)).resize((96, 48)))
+        for weight in (0.0, 0.25, 0.5, 0.75, 0.9, 1.0):
+            yield Image.fromarray((weight * shape + (1 - weight) * noise).astype(np.uint8))
+
+
+def test_exif_rotated_photo_is_turned_upright(client, predictor, tmp_path):
+    """A photo stored sideways with an EXIF tag saying so is classified as it is displayed. The
+    picture is picked so that the model answers differently when it is turned; otherwise ignoring
+    the tag would go unnoticed."""
+    for upright in _sideways_candidates():
+        stored = upright.transpose(Image.Transpose.ROTATE_90)
+        expected, sideways = predictor.predict(upright), predictor.predict(stored)
+        if max(abs(expected[k] - sideways[k]) for k in expected) > 1e-3:
+            break
+    else:
+        pytest.fail("no test image that the model sees differently when rotated")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: "rotate 90 degrees clockwise to display"
+    stored.save(tmp_path / "phone.png", exif=exif)
+    probs, _ = classify(client, tmp_path / "phone.png")
+    assert_same(probs, expected, tol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mistakes and Model tabs
+
+
+def _captions(gallery) -> list[str]:
+    return [item["caption"] for item in gallery]
+
+
+@pytest.mark.parametrize("true, predicted, expected", [
+    ("all", "all", 4), ("disc", "all", 2), ("all", "disc", 2), ("wedge", "disc", 2), ("box", "wedge", 0)])
+def test_mistakes_filters_show_exactly_the_matching_pairs(client, true, predicted, expected):
+    gallery, note = client.predict("b-renamed", true, predicted, api_name="/mistakes")
+    captions = _captions(gallery)
+    assert len(captions) == expected
+    for text in captions:
+        t, p = re.fullmatch(r"(\w+) -> (\w+) \(\d+%\)", text).groups()
+        assert true in ("all", t) and predicted in ("all", p)
+    assert f"**{expected}**" in note
+
+
+def test_mistakes_of_an_unknown_class_is_a_readable_error(client):
+    with pytest.raises(AppError, match="'circle' is not a class of this model"):
+        client.predict("b-renamed", "circle", "all", api_name="/mistakes")
+
+
+def test_mistake_captions_and_order(client):
+    gallery, note = client.predict("b-renamed", "all", "all", api_name="/mistakes")
+    assert _captions(gallery) == ["disc -> box (91%)", "wedge -> disc (84%)", "disc -> wedge (66%)",
+                                  "wedge -> disc (52%)"]
+    assert "of 4 in the test set" in note or "**4**" in note
+
+
+def test_switching_model_updates_every_tab_and_prediction(client, predictor, tmp_path):
+    (note, true_filter, predicted_filter, gallery, mistakes_note, confusion, confusion_png, per_class,
+     summary, curves, samples) = client.predict("b-renamed", api_name="/select_model")
+    assert "disc, box, wedge" in note
+    assert [c[0] for c in true_filter["choices"]] == ["all", *RENAMED] and true_filter["value"] == "all"
+    assert len(gallery) == 4
+    assert confusion["headers"][1:] == RENAMED
+    assert [row[1:] for row in confusion["data"]] == CONFUSION
+    assert [row[0] for row in per_class["data"]] == RENAMED
+    assert "fast_cnn" in summary and "Test accuracy" in summary and "b-renamed" in summary
+    assert "temperature" in summary and "python training/finetune.py" in summary
+    assert confusion_png is not None
+
+    path = tmp_path / "square.png"
+    draw_shape("square", 64).save(path)
+    original, _ = classify(client, path, "a-shapes")
+    renamed, _ = classify(client, path, "b-renamed")
+    # The same weights under new names: same probabilities, new labels. A switch that kept serving
+    # the first model would give the old names.
+    assert list(renamed) != list(original)
+    assert_same(renamed, {RENAMED[predictor.labels.index(k)]: v for k, v in original.items()})
+
+
+# ----------------------------------------------------------------------------------------------
+# The logic behind the app, without a server
+
+
+def test_model_store_loads_each_model_once(models_dir):
+    store = logic.ModelStore(logic.find_bundles(models_dir))
+    assert store.get("a-shapes") is store.get("a-shapes")
+    with pytest.raises(logic.BundleError, match="unknown model"):
+        store.get("nope")
+
+
+def test_model_store_predicts_as_the_bundle_was_evaluated(tiny_bundle, tmp_path):
+    augmented = shutil.copytree(tiny_bundle, tmp_path / "tta")
+    config = json.loads((augmented / "config.json").read_text())
+    config["classifier"]["tta"] = True  # as training's --tta (the fast recipe) records it
+    (augmented / "config.json").write_text(json.dumps(config))
+    store = logic.ModelStore({"plain": str(tiny_bundle), "tta": str(augmented)})
+    assert store.get("tta").tta and not store.get("plain").tta
+    image = np.asarray(draw_shape("square", 40))
+    assert_same(store.get("tta").predict(image), Predictor(augmented, tta=True).predict(image), tol=1e-6)
+    assert "Test-time augmentation | yes" in logic.model_summary(store.bundle("tta"), str(augmented))
+
+
+def test_default_model_prefers_the_list_then_name_order(models_dir):
+    choices = logic.find_bundles(models_dir)
+    assert list(choices) == ["a-shapes", "b-renamed"]
+    assert logic.default_model(choices) == "a-shapes"
+    assert logic.default_model(choices, preferred=("b-renamed",)) == "b-renamed"
+    assert logic.default_model(choices, str(models_dir / "b-renamed")) == "b-renamed"
+    extra = logic.model_choices(models_dir, "owner/model")
+    assert list(extra) == ["owner/model", "a-shapes", "b-renamed"]
+    assert logic.model_choices(models_dir, str(models_dir / "a-shapes")) == choices  # no duplicate
+    with pytest.raises(logic.BundleError, match="no model bundles"):
+        logic.default_model({})
+
+
+def test_confusion_cell_sets_both_filters(models_dir):
+    from classifier.bundle import load_bundle
+
+    report = logic.EvalReport.from_bundle(load_bundle(models_dir / "b-renamed"))
+    headers, rows = report.confusion_table()
+    assert headers == ["true \\ predicted", *RENAMED] and rows[2] == ["wedge", 2, 0, 8]
+    assert report.filters_for_cell("wedge", 1) == ("wedge", "disc")
+    assert report.filters_for_cell("wedge", 0) == ("wedge", "all")  # the row's name: all its mistakes
+    assert len(report.gallery(*report.filters_for_cell("wedge", 1))) == 2
+    assert report.errors_in_test_set("wedge", "disc") == 2 and report.errors_in_test_set() == 4
+
+
+def test_unreachable_hub_model_stops_start_up_with_a_message(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True, raising=False)
+    with pytest.raises(SystemExit) as stop:
+        app_module.main(["--model", "nobody/no-such-model", "--models-dir", str(tmp_path)])
+    message = str(stop.value.code)
+    assert message.startswith("app.py: cannot start:") and "nobody/no-such-model" in message
+
+
+def test_no_models_at_all_stops_start_up_with_a_message(tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        app_module.main(["--models-dir", str(tmp_path / "empty")])
+    assert "no model bundles" in str(stop.value.code)
+
+
+def test_servable_dirs_follow_hub_cache_symlinks_but_not_the_weights(tmp_path):
+    """A Hub snapshot is symlinks into blobs/; Gradio checks resolved paths, so blobs/ must be listed."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    (snapshot / "eval" / "mistakes").mkdir(parents=True)
+    blobs.mkdir()
+    (blobs / "1234").write_bytes(b"png")
+    (snapshot / "eval" / "mistakes" / "0000.png").symlink_to(blobs / "1234")
+    (snapshot / "model.safetensors").write_bytes(b"weights")
+    dirs = logic.servable_dirs(snapshot)
+    assert (snapshot / "eval").resolve() in dirs and blobs.resolve() in dirs
+    assert snapshot.resolve() not in dirs
+    assert logic.servable_dirs(tmp_path / "no-eval") == []

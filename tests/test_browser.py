@@ -1,0 +1,113 @@
+"""The app in a real (headless) Chromium: upload an image, read the answer off the page, and click a
+cell of the confusion matrix, which only a browser can do (it is a select event, not an API call).
+
+Skips only where no Chromium is installed (`apt-get install -y chromium`); screenshots of both tabs
+are saved in the test's tmp_path for a person to look at.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import draw_shape
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+CHROMIUM = next((p for p in (os.environ.get("CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser"),
+                             "/usr/bin/chromium") if p and Path(p).is_file()), None)
+if CHROMIUM is None:
+    pytest.skip("no Chromium installed (apt-get install -y chromium chromium-driver)", allow_module_level=True)
+
+import app as app_module  # noqa: E402
+from classifier.predict import Predictor  # noqa: E402
+from test_app import RENAMED, free_port, renamed_bundle  # noqa: E402
+
+# No network here: keep Chromium from trying to phone home, and let it run as root in a container.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 30_000
+
+
+@pytest.fixture(scope="module")
+def served(tiny_bundle, tmp_path_factory):
+    """The app on the renamed shapes bundle (known mistakes), with the original bundle and a broken
+    one (weights that do not fit its config) in the dropdown; yields (url, models folder)."""
+    models = tmp_path_factory.mktemp("browser-models")
+    renamed_bundle(tiny_bundle, models / "shapes")
+    shutil.copytree(tiny_bundle, models / "original")
+    broken = shutil.copytree(tiny_bundle, models / "broken")
+    config = json.loads((broken / "config.json").read_text())
+    config["model_args"]["widths"] = [8, 8, 8]
+    (broken / "config.json").write_text(json.dumps(config))
+    demo = app_module.build_app(models, model_id=str(models / "shapes"))
+    port = free_port()
+    app_module.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}", models
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(served):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(served[0], wait_until="domcontentloaded")
+        yield page
+        browser.close()
+
+
+def test_upload_shows_the_top_class(page, served, tmp_path):
+    image = tmp_path / "upload.png"
+    draw_shape("triangle", 96).save(image)
+    expected = next(iter(Predictor(served[1] / "shapes").predict(image)))
+    page.locator("input[type=file]").first.set_input_files(str(image))
+    top = page.locator(".output-class").first
+    sync_api.expect(top).to_have_text(expected, timeout=TIMEOUT_MS)
+    sync_api.expect(page.get_by_text("Predicted in")).to_be_visible()
+    page.screenshot(path=str(tmp_path / "classify.png"), full_page=True)
+    print(f"screenshot: {tmp_path / 'classify.png'}")
+
+
+def test_clicking_a_confusion_cell_filters_the_gallery(page, tmp_path):
+    page.get_by_role("tab", name="Mistakes").click()
+    captions = page.locator("#mistakes-gallery .caption-label")
+    sync_api.expect(captions).to_have_count(4, timeout=TIMEOUT_MS)
+    # Row 2 (true "wedge"), column 1 (predicted "disc"): the two wedges taken for discs.
+    page.locator("#confusion [data-testid='cell-2-1']").click()
+    sync_api.expect(captions).to_have_count(2, timeout=TIMEOUT_MS)
+    assert captions.all_inner_texts() == ["wedge -> disc (84%)", "wedge -> disc (52%)"]
+    sync_api.expect(page.locator("#true-filter input")).to_have_value("wedge")
+    sync_api.expect(page.locator("#predicted-filter input")).to_have_value("disc")
+    page.screenshot(path=str(tmp_path / "mistakes.png"), full_page=True)
+    print(f"screenshot: {tmp_path / 'mistakes.png'}")
+
+
+def choose_model(page, name: str) -> None:
+    page.get_by_label("Model").first.click()
+    page.get_by_role("option", name=name, exact=True).click()
+
+
+def test_switching_model_reclassifies_the_image(page, served):
+    page.get_by_role("tab", name="Classify").click()
+    choose_model(page, "original")
+    # The uploaded triangle, now under the original class names, without uploading it again.
+    top = page.locator(".output-class").first
+    sync_api.expect(top).to_have_text(re.compile("^(circle|square|triangle)$"), timeout=TIMEOUT_MS)
+    sync_api.expect(page.get_by_text("The model tells apart: circle, square, triangle.")).to_be_visible()
+
+
+def test_a_model_that_will_not_load_shows_why_and_keeps_the_last_one(page, tmp_path):
+    choose_model(page, "broken")
+    sync_api.expect(page.get_by_text("the weights do not fit").first).to_be_visible(timeout=TIMEOUT_MS)
+    sync_api.expect(page.get_by_label("Model").first).to_have_value("original", timeout=TIMEOUT_MS)
+    sync_api.expect(page.get_by_text("The model tells apart: circle, square, triangle.")).to_be_visible()
+    page.screenshot(path=str(tmp_path / "broken-model.png"), full_page=True)
+    print(f"screenshot: {tmp_path / 'broken-model.png'}")
