@@ -170,11 +170,13 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
 def build_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
     total = max(1, config.epochs * steps_per_epoch)
     warmup = int(config.warmup_epochs * steps_per_epoch)
-    if config.schedule == "onecycle":
+    # OneCycleLR needs each of its two phases to span at least one step; a run of a handful of
+    # steps (a tiny dataset, a smoke test) gets the same shape from the cosine schedule instead.
+    if config.schedule == "onecycle" and total >= 4:
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=[g["initial_lr"] for g in optimizer.param_groups], total_steps=total,
-            pct_start=min(max(warmup / total, 0.01), 0.5), anneal_strategy="cos")
-    if config.schedule == "cosine":
+            pct_start=min(max(warmup / total, 2 / total), 0.5), anneal_strategy="cos")
+    if config.schedule in ("cosine", "onecycle"):
         def factor(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
