@@ -207,6 +207,16 @@ def sample_predictions(logits: torch.Tensor, targets: torch.Tensor, indices: tor
 # Plots
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Lay out, write (creating the folder) and close a figure; every plot of the project ends here."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def plot_confusion_matrix(matrix, classes: Sequence[str], path: str | os.PathLike) -> None:
     cm = np.asarray(matrix, dtype=np.float64)
     row_sums = cm.sum(1, keepdims=True)

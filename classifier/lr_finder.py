@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from classifier.train import TrainConfig, autocast_dtype, build_optimizer  # noqa: E402
+from classifier.evaluate import save_figure  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -235,12 +236,7 @@ def plot_lr_finder(result: LRFinderResult, path: str | os.PathLike, title: str |
            title=title or f"Learning-rate range test: suggested {result.suggestion:.2g}")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 # ----------------------------------------------------------------------------------------------

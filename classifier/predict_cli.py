@@ -27,6 +27,7 @@ import torch
 
 from classifier.data import IMAGE_EXTENSIONS
 from classifier.images import ImageError
+from classifier.evaluate import save_figure  # noqa: E402
 
 PLOT_MAX_IMAGES = 12  # a figure with more rows than this is unreadable
 
@@ -146,12 +147,7 @@ def plot_predictions(items: list[Item], path: str | os.PathLike, channels: int =
         ax_bars.set_xlim(0, 1.15)
         ax_bars.set_xlabel("probability")
         ax_bars.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def format_item(item: Item) -> str:

@@ -22,6 +22,7 @@ from PIL import Image  # noqa: E402
 
 from classifier.data import DataSplits, Split, channel_stats, load_pil  # noqa: E402
 from classifier.images import ImageError, open_image  # noqa: E402
+from classifier.evaluate import save_figure  # noqa: E402
 
 SPLITS = ("train", "val", "test")
 IMBALANCE_RATIO = 1.5  # largest / smallest training class above this gets a warning
@@ -155,12 +156,7 @@ def plot_class_samples(data: DataSplits, path: str | os.PathLike, per_class: int
             if col == 0:
                 ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
     fig.suptitle(f"{data.name}: random training images per class", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def plot_class_counts(report: DatasetReport, path: str | os.PathLike) -> Path:
@@ -177,12 +173,7 @@ def plot_class_counts(report: DatasetReport, path: str | os.PathLike) -> Path:
     ax.tick_params(axis="x", rotation=45)
     for label in ax.get_xticklabels():
         label.set_ha("right")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def to_markdown(report: DatasetReport, unreadable_limit: int = 20) -> str:

@@ -26,6 +26,7 @@ from torch import nn  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 
 from classifier.models import create_model, is_project_model  # noqa: E402
+from classifier.evaluate import save_figure  # noqa: E402
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)
 LINEAR = (nn.Linear,)
@@ -197,12 +198,7 @@ def plot_filters(model: nn.Module, path: str | os.PathLike, max_filters: int = 6
     k = tuple(conv.kernel_size)
     fig.suptitle(f"first convolution: {conv.out_channels} filters of {conv.in_channels}x{k[0]}x{k[1]}"
                  + (f" (first {max_filters})" if conv.out_channels > max_filters else ""), fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def default_transform(input_size: tuple[int, int, int], mean, std) -> T.Compose:
@@ -250,9 +246,4 @@ def plot_feature_maps(model: nn.Module, image: Image.Image, transform, path: str
             axes[row, col].imshow(maps[channel].numpy(), cmap="viridis")
             axes[row, col].set_title(f"ch {channel}", fontsize=6)
     fig.suptitle("feature maps of the first convolutions (most varied channels)", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
