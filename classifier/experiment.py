@@ -321,11 +321,10 @@ def run(cfg: RunConfig) -> RunResult:
     best = load_file(str(result.best_weights)) if distributed.is_main_process() else None
     model.load_state_dict(distributed.broadcast_state(best))
     dtype = autocast_dtype(device, cfg.amp)
-    val_logits, val_targets, _ = predict_logits(model, val_loader, device, dtype)
-    test_logits, test_targets, test_indices = predict_logits(model, test_loader, device, dtype)
-    if cfg.tta:  # as Predictor(tta=True) predicts: mirror images and 1-pixel shifts
-        test_logits = predict_logits(TTA(model), test_loader, device, dtype)[0]
-        val_logits = predict_logits(TTA(model), val_loader, device, dtype)[0]
+    # With TTA, as Predictor(tta=True) predicts: mirror images and 1-pixel shifts.
+    evaluated = TTA(model) if cfg.tta else model
+    val_logits, val_targets, _ = predict_logits(evaluated, val_loader, device, dtype)
+    test_logits, test_targets, test_indices = predict_logits(evaluated, test_loader, device, dtype)
     metrics = calibrated_metrics(test_logits, test_targets, val_logits, val_targets, data.classes)
     metrics.update(split="test", best_epoch=result.best_epoch, epochs_trained=len(result.history),
                    stopped_early=result.stopped_early, tta=cfg.tta,
