@@ -302,7 +302,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default="../shared/data/cifar10-jpeg.tar.gz", help="CIFAR-10 as an ImageFolder .tar.gz")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--baseline-epochs", type=int, default=30, help="epochs of the tutorial recipe (0: skip it)")
-    p.add_argument("--fast-runs", default="1x256,6", help="fast_cnn runs, EPOCHS[xBATCH] each, comma-separated "
+    p.add_argument("--fast-runs", default="1x256,10", help="fast_cnn runs, EPOCHS[xBATCH] each, comma-separated "
                    "(a one-epoch run learns more from batch 256's twice as many steps); GPU: the last one, per seed")
     p.add_argument("--seeds", type=int, default=5, help="GPU: fast recipe and airbench94 runs")
     p.add_argument("--compile", action="store_true", help="GPU: torch.compile fast_cnn (compile time is in the first seed)")
