@@ -186,7 +186,7 @@ def _drop_unreadable(split: Split, skipped: list[str]) -> Split:
     return split if len(keep) == len(split) else split.subset(np.asarray(keep, dtype=np.int64))
 
 
-def _load_folder(root: Path, name: str) -> tuple[list[str], dict[str, Split], list[str]]:
+def _load_folder(root: Path) -> tuple[list[str], dict[str, Split], list[str]]:
     skipped: list[str] = []
     split_dirs = _find_split_dirs(root)
     if split_dirs:
@@ -297,7 +297,7 @@ def load_data(
         name = kind
         root = _resolve_dir(data_dir) if data_dir else Path("data")
         if data_dir and _find_split_dirs(root):
-            all_classes, splits, skipped = _load_folder(root, name)
+            all_classes, splits, skipped = _load_folder(root)
         else:
             all_classes, splits = _load_torchvision(kind, root, download)
         channels = 1 if kind == "fashion-mnist" else 3
@@ -312,7 +312,7 @@ def load_data(
         if not root.is_dir():
             raise DataError(f"{root}: not a folder, archive, CSV or known dataset ({', '.join(BUILTIN)})")
         name = Path(source).name.split(".")[0]
-        all_classes, splits, skipped = _load_folder(root, name)
+        all_classes, splits, skipped = _load_folder(root)
     if skipped:
         log.warning("skipped %d unreadable file(s):\n  %s", len(skipped), "\n  ".join(skipped))
 

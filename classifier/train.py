@@ -140,10 +140,6 @@ def _set_epoch(loader, epoch: int) -> None:
             obj.set_epoch(epoch)
 
 
-def _unpack(batch):
-    return batch[0], batch[1]
-
-
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """Two parameter groups, head and body, so fine-tuning can give the body a lower rate.
 
@@ -202,7 +198,7 @@ def validate(model: nn.Module, loader: Iterable, device: torch.device, dtype, cr
     for batch in loader:
         if batch is None:
             continue
-        x, y = (t.to(device, non_blocking=True) for t in _unpack(batch))
+        x, y = (t.to(device, non_blocking=True) for t in batch[:2])  # (x, y[, index])
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(x)
         loss = nn.functional.cross_entropy(logits.float(), y, reduction="sum")
@@ -290,7 +286,7 @@ def fit(
         for step, batch in enumerate(bar):
             if batch is None:
                 continue
-            x, y = (t.to(device, non_blocking=True) for t in _unpack(batch))
+            x, y = (t.to(device, non_blocking=True) for t in batch[:2])  # (x, y[, index])
             if config.channels_last and device.type == "cuda" and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
