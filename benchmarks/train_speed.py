@@ -6,7 +6,7 @@
     python benchmarks/train_speed.py --device cuda --data-dir ... --seeds 5 --compile    (GPU; see below)
 
 CPU (default):
-  (a) the tutorial's recipe as its seed wrote it: tutorial_cifar_cnn, SGD lr 0.01 momentum 0.9,
+  (a) the tutorial's recipe as its seed wrote it: tutorial_cifar_cnn, SGD lr 0.01 without momentum,
       batch 16, --baseline-epochs (30) epochs, through the project's DataLoader path;
   (b) fast_cnn with the "fast" recipe on the in-memory path, one run per --fast-runs entry;
   for both: test accuracy after every epoch, the wall time at which 75% and 90% were first reached,
@@ -107,7 +107,7 @@ def timed_run(name: str, cfg: RunConfig, data, device: torch.device, out: Path, 
 def baseline_config(args) -> RunConfig:
     """The CIFAR-10 tutorial's recipe: plain SGD, constant learning rate, batch 16, no extras."""
     return RunConfig(data="cifar10", data_dir=args.data_dir, model="tutorial_cifar_cnn", epochs=args.baseline_epochs,
-                     batch_size=16, lr=0.01, optimizer="sgd", momentum=0.9, nesterov=False, weight_decay=0.0,
+                     batch_size=16, lr=0.01, optimizer="sgd", momentum=0.0, nesterov=False, weight_decay=0.0,
                      schedule="constant", label_smoothing=0.0, amp="off", loader="workers", device=args.device,
                      seed=0, workers=args.workers)
 

@@ -304,7 +304,9 @@ def run(cfg: RunConfig) -> RunResult:
     """Train and evaluate as `cfg` says; writes checkpoints and logs to cfg.out, the bundle to cfg.out/bundle."""
     out = Path(cfg.out)
     device = pick_device(cfg.device)
-    if device.type == "cpu" and distributed.world_size() == 1:
+    # One process on the CPU uses every core, unless OMP_NUM_THREADS says otherwise (to share the
+    # machine with another job, say).
+    if device.type == "cpu" and distributed.world_size() == 1 and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     setup = prepare(cfg, device)
     data, dcfg, model, model_args = setup.data, setup.data_config, setup.model, setup.model_args

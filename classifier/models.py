@@ -383,7 +383,22 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, pretrained: boo
         raise ModelError(f"'{name}' does not accept these arguments {model_args}: {exc}") from exc
     if use_offline:
         offline.load_offline_weights(model, name)
+    if pretrained and num_classes != (getattr(model, "pretrained_cfg", None) or {}).get("num_classes", 1000):
+        zero_head(model)
     return model
+
+
+@torch.no_grad()
+def zero_head(model: nn.Module) -> None:
+    """Zero a new classifier head, so fine-tuning starts from uniform predictions (loss ln K).
+
+    timm initialises EfficientNet heads uniformly in +-1/sqrt(num_classes): over 1280 pretrained
+    features that gives logits in the tens and a first loss of 4-6 for 10 classes, and the early
+    gradients that follow knock the pretrained body about. A zero head (as BiT fine-tunes) learns
+    from the first step, and the body only moves once the head points somewhere.
+    """
+    for p in head_parameters(model):
+        p.zero_()
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

