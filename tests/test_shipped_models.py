@@ -1,0 +1,61 @@
+"""The bundles that ship in assets/models: they load, stay small, report what their evaluation
+measured, and name the real photos in assets/examples (each file is named after its class)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from classifier.bundle import load_bundle
+from classifier.demo import EXAMPLES_DIR, MODELS_DIR, PREFERRED_MODELS, default_model, find_bundles
+from classifier.predict import Predictor
+
+BUNDLES = find_bundles(MODELS_DIR)
+MAX_SHIPPED_WEIGHTS = 25 * 1024 * 1024  # the issue's limit for all shipped weights together
+EXAMPLES = sorted(p for p in EXAMPLES_DIR.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_default_model_ships():
+    assert BUNDLES, f"no bundle in {MODELS_DIR}"
+    assert default_model(BUNDLES) == next(name for name in PREFERRED_MODELS if name in BUNDLES)
+
+
+def test_shipped_weights_stay_under_25_mb():
+    total = sum(Path(path, "model.safetensors").stat().st_size for path in BUNDLES.values())
+    assert total < MAX_SHIPPED_WEIGHTS, f"{total / 2**20:.1f} MB of weights in {MODELS_DIR}"
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLES))
+def test_config_reports_the_evaluation_it_ran(name):
+    folder = Path(BUNDLES[name])
+    config = json.loads((folder / "config.json").read_text())["classifier"]
+    measured = json.loads((folder / "eval" / "metrics.json").read_text())
+    assert config["metrics"]["accuracy"] == measured["accuracy"]
+    assert config["temperature"] == measured["calibration"]["temperature"]
+    assert config["num_test"] == measured["num_samples"] == sum(map(sum, measured["confusion_matrix"]))
+    assert config["command"].startswith("python training/finetune.py")
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLES))
+def test_names_every_example_photo(name):
+    bundle = load_bundle(BUNDLES[name])
+    predictor = Predictor(bundle, tta=bool(bundle.project.get("tta", False)))
+    assert EXAMPLES, f"no example photos in {EXAMPLES_DIR}"
+    wrong = {}
+    for photo in EXAMPLES:
+        assert photo.stem in bundle.label_names, f"{photo.name} is not named after a class"
+        top = next(iter(predictor.predict(photo)))
+        if top != photo.stem:
+            wrong[photo.name] = top
+    assert not wrong, f"{name} misnames {wrong}"
