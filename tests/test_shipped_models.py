@@ -18,12 +18,7 @@ MAX_SHIPPED_WEIGHTS = 25 * 1024 * 1024  # the issue's limit for all shipped weig
 EXAMPLES = sorted(p for p in EXAMPLES_DIR.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_the_default_model_ships():
