@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from classifier.bundle import load_bundle
 from classifier.demo import EXAMPLES_DIR, MODELS_DIR, PREFERRED_MODELS, default_model, find_bundles
