@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help=f"save the images beside bar charts (the first {PLOT_MAX_IMAGES})")
     p.add_argument("--submission", metavar="CSV", help="write id,label (the top class) for every image")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--tta", action="store_true", help="average with the mirror image")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: average with the mirror image and 1-pixel shifts")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     return p
 
