@@ -309,8 +309,8 @@ def fit(
             # enough, and the end-of-epoch check below guards what gets saved.
             if step % 50 == 0 and not math.isfinite(loss.item()):
                 raise TrainingDiverged(_diverged_message(epoch, step, config, checkpoint_path))
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+            if step % 20 == 0:  # shown at the bar's next refresh (mininterval), not written now
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         distributed.all_reduce_sum(totals)
         loss_sum, correct, count = totals.tolist()
         if not math.isfinite(loss_sum):
