@@ -186,7 +186,9 @@ class _CardFacts:
         lines = [f"## Evaluation on the {m.get('split', 'test')} split", "",
                  "| metric | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
         if m.get("tta"):
-            lines += ["", "Measured with test-time augmentation (the logits of each image and its mirror image, averaged with those of both shifted by one pixel), as `Predictor(tta=True)` and the app predict."]
+            lines += ["", "Measured with test-time augmentation (the logits of each image and its mirror image, "
+                      "averaged with those of both shifted by one pixel), as `Predictor(tta=True)` and the app "
+                      "predict."]
         per_class = m.get("per_class") or []
         if per_class:
             lines += ["", "Per class:", "", "| class | precision | recall | F1 | images |", "|---|---|---|---|---|"]
