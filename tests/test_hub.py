@@ -381,14 +381,20 @@ def test_only_the_bundle_files_are_uploaded(bundle, tiny_bundle):
     assert "notes.txt" not in files
 
 
-def test_timm_loads_a_project_cnn_bundle_with_local_dir(tiny_bundle):
+def _timm_loads_as_saved(path: Path, size: int):
+    """timm.create_model("local-dir:<bundle>") gives the bundle's outputs; returns (timm model, bundle)."""
     import timm
 
-    bundle = load_bundle(tiny_bundle)
-    model = timm.create_model(f"local-dir:{tiny_bundle}", pretrained=True).eval()
-    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    bundle = load_bundle(path)
+    model = timm.create_model(f"local-dir:{path}", pretrained=True).eval()
+    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.allclose(model(x), bundle.model(x), atol=1e-6)
+    return model, bundle
+
+
+def test_timm_loads_a_project_cnn_bundle_with_local_dir(tiny_bundle):
+    model, bundle = _timm_loads_as_saved(tiny_bundle, 32)
     assert model.pretrained_cfg["label_names"] == bundle.label_names
     assert model.pretrained_cfg["mean"] == bundle.pretrained_cfg["mean"]
 
@@ -396,11 +402,7 @@ def test_timm_loads_a_project_cnn_bundle_with_local_dir(tiny_bundle):
 def test_timm_loads_a_backbone_bundle_with_local_dir(backbone_bundle):
     import timm
 
-    bundle = load_bundle(backbone_bundle)
-    model = timm.create_model(f"local-dir:{backbone_bundle}", pretrained=True).eval()
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        assert torch.allclose(model(x), bundle.model(x), atol=1e-6)
+    model, _ = _timm_loads_as_saved(backbone_bundle, 64)
     assert model.pretrained_cfg["label_names"] == ["cat", "dog", "bird"]
     data = timm.data.resolve_data_config({}, model=model)
     assert data["input_size"] == (3, 64, 64) and data["interpolation"] == "bicubic"
