@@ -88,13 +88,14 @@ class Predictor:
 
     def predict_batch(self, images: Sequence[ImageSource], top_k: int | None = None) -> list[dict[str, float]]:
         batch = torch.stack([self.preprocess(image) for image in images])
-        return [self._as_dict(p, top_k) for p in self.probabilities(batch)]
+        return [self.top_classes(p, top_k) for p in self.probabilities(batch)]
 
     def predict(self, image: ImageSource | Image.Image, top_k: int | None = None) -> dict[str, float]:
         """{class: probability}, most likely first; `top_k` keeps only the first k."""
         return self.predict_batch([image], top_k)[0]
 
-    def _as_dict(self, probs: torch.Tensor, top_k: int | None) -> dict[str, float]:
+    def top_classes(self, probs: torch.Tensor, top_k: int | None = None) -> dict[str, float]:
+        """{class: probability} of one row of `probabilities`, most likely first, `top_k` of them."""
         k = min(top_k or len(self.labels), len(self.labels))
         top = probs.topk(k)
         return {self.labels[int(i)]: float(p) for p, i in zip(top.values, top.indices)}

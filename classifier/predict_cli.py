@@ -97,8 +97,6 @@ def _load(predictor, item: Item) -> torch.Tensor | None:
 
 def predict_items(predictor, items: list[Item], top_k: int = 5, batch_size: int = 64) -> Iterator[Item]:
     """Fill each item's predictions (or error) in batches, yielding items in order as they finish."""
-    labels = predictor.labels
-    k = min(top_k, len(labels))
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         tensors = [(item, _load(predictor, item)) for item in chunk]
@@ -106,8 +104,7 @@ def predict_items(predictor, items: list[Item], top_k: int = 5, batch_size: int 
         if good:
             probs = predictor.probabilities(torch.stack([x for _, x in good]))
             for (item, _), p in zip(good, probs):
-                top = p.topk(k)
-                item.predictions = {labels[int(i)]: float(v) for v, i in zip(top.values, top.indices)}
+                item.predictions = predictor.top_classes(p, top_k)
         yield from chunk
 
 
