@@ -16,7 +16,6 @@ because huggingface_hub's HTTP errors keep the request, and with it the Authoriz
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -85,7 +84,7 @@ def push_bundle(bundle_dir: str | os.PathLike, repo_id: str, *, private: bool = 
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():  # checked first: load_bundle would take "runs/x" for a Hub id
         raise BundleError(f"{bundle_dir}: no such bundle folder")
-    load_bundle(bundle_dir)  # never publish a bundle that does not load
+    bundle = load_bundle(bundle_dir)  # never publish a bundle that does not load
     if is_generated(bundle_dir / CARD_FILE):
         write_model_card(bundle_dir, repo_id)
     files = files_to_upload(bundle_dir)
@@ -104,7 +103,7 @@ def push_bundle(bundle_dir: str | os.PathLike, repo_id: str, *, private: bool = 
         if branch != "main":
             api.create_branch(repo_id, branch=branch, exist_ok=True)
         info = api.upload_folder(repo_id=repo_id, folder_path=bundle_dir, revision=branch,
-                                 commit_message=commit_message or default_commit_message(bundle_dir),
+                                 commit_message=commit_message or default_commit_message(bundle),
                                  allow_patterns=list(BUNDLE_PATTERNS), ignore_patterns=_ignore_patterns(),
                                  delete_patterns=list(REPLACED_ON_PUSH))
     except Exception as exc:  # noqa: BLE001  (any failure here must end as the same clear message)
@@ -129,12 +128,17 @@ def push_blocker() -> str | None:
     return None
 
 
-def default_commit_message(bundle_dir: str | os.PathLike) -> str:
-    config = json.loads((Path(bundle_dir) / "config.json").read_text())
-    project = config.get("classifier", {})
-    metrics = project.get("metrics") or {}
-    score = f": test accuracy {metrics['accuracy']:.4f}" if "accuracy" in metrics else ""
-    return f"Upload {config['architecture']} trained on {project.get('dataset', 'custom data')}{score}"
+def accuracy_note(bundle) -> str:
+    """ "test accuracy 0.9278" from the bundle's measured metrics, or "" when it has none."""
+    metrics = bundle.project.get("metrics") or {}
+    return f"test accuracy {metrics['accuracy']:.4f}" if "accuracy" in metrics else ""
+
+
+def default_commit_message(bundle) -> str:
+    """The commit message of a push of `bundle` (a classifier.bundle.Bundle)."""
+    score = accuracy_note(bundle)
+    return (f"Upload {bundle.architecture} trained on {bundle.project.get('dataset', 'custom data')}"
+            + (f": {score}" if score else ""))
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -262,9 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"commit: {result.commit_url}")
         else:
             bundle = load_bundle(f"hf-hub:{validate_repo_id(args.repo_id)}", revision=args.revision)
-            metrics = bundle.project.get("metrics") or {}
-            score = f", test accuracy {metrics['accuracy']:.4f}" if "accuracy" in metrics else ""
-            print(f"{bundle.architecture}: {len(bundle.label_names)} classes{score}")
+            score = accuracy_note(bundle)
+            print(f"{bundle.architecture}: {len(bundle.label_names)} classes" + (f", {score}" if score else ""))
             print(bundle.path)
     except (HubError, BundleError) as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
