@@ -235,9 +235,7 @@ def plot_confusion_matrix(matrix, classes: Sequence[str], path: str | os.PathLik
             for j in range(n):
                 ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=8,
                         color="white" if normalised[i, j] > 0.5 else "black")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_history(history: list[dict], path: str | os.PathLike) -> None:
