@@ -128,3 +128,5 @@ def test_the_command_line_fills_fast_cnns_options_from_the_recipe():
     assert plain.recipe == "none" and plain.batch_size == RunConfig.batch_size and plain.lr is None
     other = config("--model", "resnet18")
     assert other.recipe == "none" and other.label_smoothing == RunConfig.label_smoothing
+    abbreviated = config("--model", "fast_cnn", "--batch", "256")  # argparse takes --batch for --batch-size
+    assert abbreviated.batch_size == 256 and abbreviated.lr == pytest.approx(256 * 1.5 / 1024)

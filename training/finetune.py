@@ -17,6 +17,7 @@ to the Hub failed (the bundle stays; `python -m classifier.hub push` retries it)
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
@@ -132,9 +133,15 @@ def push(bundle_dir: Path, args: argparse.Namespace) -> int:
 
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    """The RunConfig fields of the options that `argv` sets (a recipe fills only the others)."""
-    words = {word.split("=", 1)[0] for word in argv if word.startswith("--")}
-    return {action.dest for action in parser._actions if words & set(action.option_strings)}
+    """The RunConfig fields of the options that `argv` sets (a recipe fills only the others).
+
+    argparse itself decides, on a copy of the parser whose defaults are all SUPPRESS (absent from
+    the namespace unless given), so abbreviations (--batch for --batch-size) count as given too.
+    """
+    probe = copy.deepcopy(parser)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
 
 
 def config_from_args(args: argparse.Namespace, given: set[str] = frozenset()) -> RunConfig:
