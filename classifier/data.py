@@ -129,7 +129,8 @@ def _resolve_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-def _list_images(folder: Path) -> list[str]:
+def list_images(folder: Path) -> list[str]:
+    """Every image file under `folder` (any depth, IMAGE_EXTENSIONS), as sorted path strings."""
     return sorted(
         str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
     )
@@ -163,7 +164,7 @@ def _scan_class_folders(root: Path, classes: list[str] | None = None) -> tuple[l
     items, targets = [], []
     for label, name in enumerate(classes):
         folder = root / name
-        files = _list_images(folder) if folder.is_dir() else []
+        files = list_images(folder) if folder.is_dir() else []
         if not files and folder.is_dir():
             raise DataError(f"{folder}: the class folder '{name}' holds no images")
         items += files
@@ -215,7 +216,7 @@ def _load_csv(csv_path: Path, image_dir: Path | None) -> tuple[list[str], dict[s
     if not rows:
         raise DataError(f"{csv_path}: no rows")
     by_stem: dict[str, str] = {}
-    for path in _list_images(image_dir):
+    for path in list_images(image_dir):
         by_stem.setdefault(Path(path).stem, path)
         by_stem.setdefault(Path(path).name, path)
     missing = [i for i, _ in rows if i not in by_stem]

@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from classifier.data import IMAGE_EXTENSIONS
+from classifier.data import IMAGE_EXTENSIONS, list_images
 from classifier.images import ImageError
 from classifier.evaluate import save_figure  # noqa: E402
 
@@ -45,7 +45,7 @@ class Item:
 
 
 def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(map(Path, list_images(folder)))  # Path order, as before (it differs from str order)
 
 
 def items_from_paths(paths: Iterable[str | os.PathLike]) -> list[Item]:
