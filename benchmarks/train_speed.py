@@ -87,7 +87,7 @@ def timed_run(name: str, cfg: RunConfig, data, device: torch.device, out: Path, 
         log.info("%s: epoch %d  test accuracy %.4f  at %.1f s", name, record["epoch"], acc, elapsed)
         probe_seconds += time.perf_counter() - begun
 
-    result = fit(model, setup.train_loader, setup.val_loader, train_config(cfg, setup.pretrained), out,
+    result = fit(model, setup.train_loader, setup.val_loader, train_config(cfg, setup.new_head), out,
                  device=device, on_epoch_end=probe)
     trained = events[-1]["seconds"]
     final = events[-1]["accuracy"]

@@ -156,6 +156,11 @@ def resolve_location(location: str | os.PathLike, revision: str | None = None) -
     return path
 
 
+def read_config(location: str | os.PathLike, revision: str | None = None) -> dict:
+    """A bundle's config.json, checked, without building its model."""
+    return _read_config(resolve_location(location, revision))
+
+
 def load_bundle(location: str | os.PathLike, *, revision: str | None = None,
                 device: str | torch.device = "cpu") -> Bundle:
     """Rebuild the model of a bundle from its config and weights alone (no training data needed)."""

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, DistributedSampler
 
 from classifier import distributed
-from classifier.bundle import EVAL_DIR, BundleError, make_config, save_bundle
+from classifier.bundle import EVAL_DIR, Bundle, BundleError, load_bundle, make_config, save_bundle
 from classifier.data import (DataError, DataSplits, ImageDataset, build_transform, channel_stats, collate_skipping_broken,
                              load_data, materialize_small)
 from classifier.evaluate import (calibrated_metrics, predict_logits, rank_mistakes, sample_predictions,
@@ -34,7 +34,7 @@ from classifier.hub import HubError
 from classifier.images import ImageError
 from classifier.lr_finder import LRFinderError, LRFinderResult, lr_range_test, plot_lr_finder
 from classifier.model_card import write_model_card
-from classifier.models import ModelError, count_parameters, create_model, is_project_model
+from classifier.models import ModelError, count_parameters, create_model, is_project_model, zero_head
 from classifier.predict import TTA
 from classifier.train import TrainConfig, TrainingDiverged, autocast_dtype, fit, pick_device
 
@@ -61,6 +61,7 @@ class RunConfig:
     pretrained_source: str = "auto"
     model_args: dict = field(default_factory=dict)
     image_size: int | None = None  # None: the data's own size from scratch, the model's when pretrained
+    init_from: str | None = None  # a bundle (folder or Hub id) whose weights the run starts from
     # optimisation (see TrainConfig)
     epochs: int = 10
     batch_size: int = 128
@@ -111,9 +112,14 @@ class RunResult:
     parameters: int
 
 
-def _data_config(cfg: RunConfig, data: DataSplits, pretrained: bool) -> dict:
+def _data_config(cfg: RunConfig, data: DataSplits, pretrained: bool, source: Bundle | None = None) -> dict:
     """input size, mean, std, interpolation and crop for this run."""
     native = data.image_size()
+    if source is not None:  # the normalisation the weights were trained with; the size may change
+        pcfg = source.pretrained_cfg
+        return {"image_size": cfg.image_size or int(pcfg["input_size"][-1]), "mean": tuple(pcfg["mean"]),
+                "std": tuple(pcfg["std"]), "interpolation": pcfg.get("interpolation", "bilinear"),
+                "crop_pct": 1.0 if data.is_small else float(pcfg.get("crop_pct", 0.875))}
     if pretrained:
         pcfg = timm.models.get_pretrained_cfg(cfg.model)
         pcfg = pcfg.to_dict() if pcfg is not None else {}
@@ -169,6 +175,7 @@ class Prepared:
     model_args: dict  # as the model was built (with img_size for the fixed-size tutorial nets)
     in_chans: int
     pretrained: bool
+    new_head: bool  # a trained body under a head that starts from zero: fine-tuning defaults apply
     parameters: int
     train_loader: DataLoader
     val_loader: DataLoader
@@ -179,16 +186,24 @@ def prepare(cfg: RunConfig, device: torch.device, data: DataSplits | None = None
     """Data, model and loaders for `cfg`. Pass `data` to reuse splits already loaded (a search)."""
     pretrained = cfg.resolved_pretrained()
     data = data if data is not None else load_run_data(cfg)
-    dcfg = _data_config(cfg, data, pretrained)
+    source = load_bundle(cfg.init_from) if cfg.init_from else None
+    dcfg = _data_config(cfg, data, pretrained, source)
     size = dcfg["image_size"]
-    in_chans = 3 if pretrained else data.channels
-    model_args = dict(cfg.model_args)
-    registered = timm.models.get_pretrained_cfg(cfg.model)
-    if registered is not None and registered.fixed_input_size and is_project_model(cfg.model):
-        model_args.setdefault("img_size", size)  # the tutorial nets size their linear layers by it
-    torch.manual_seed(cfg.seed)  # --seed fixes the initial weights too (DDP then copies rank 0's)
-    model = create_model(cfg.model, num_classes=data.num_classes, in_chans=in_chans, pretrained=pretrained,
-                         pretrained_source=cfg.pretrained_source, **model_args)
+    if source is not None:
+        if cfg.model_args:
+            raise BundleError(f"--model-args cannot change the model of --init-from {cfg.init_from}; leave them out")
+        model, model_args, new_head = start_from_bundle(source, cfg.model, data.classes, size)
+        in_chans = source.in_chans
+    else:
+        in_chans = 3 if pretrained else data.channels
+        model_args = dict(cfg.model_args)
+        registered = timm.models.get_pretrained_cfg(cfg.model)
+        if registered is not None and registered.fixed_input_size and is_project_model(cfg.model):
+            model_args.setdefault("img_size", size)  # the tutorial nets size their linear layers by it
+        torch.manual_seed(cfg.seed)  # --seed fixes the initial weights too (DDP then copies rank 0's)
+        model = create_model(cfg.model, num_classes=data.num_classes, in_chans=in_chans, pretrained=pretrained,
+                             pretrained_source=cfg.pretrained_source, **model_args)
+        new_head = pretrained
     parameters = count_parameters(model)
     log.info("model %s: %s parameters%s", cfg.model, f"{parameters:,}", " (pretrained)" if pretrained else "")
 
@@ -211,7 +226,31 @@ def prepare(cfg: RunConfig, device: torch.device, data: DataSplits | None = None
                    _loader(dataset(data.val, False), per_rank * 2, train=False, cfg=cfg, device=device),
                    _loader(dataset(data.test, False), per_rank * 2, train=False, cfg=cfg, device=device))
     log.info("loader: %s", type(loaders[0]).__name__)
-    return Prepared(data, dcfg, model, model_args, in_chans, pretrained, parameters, *loaders)
+    return Prepared(data, dcfg, model, model_args, in_chans, pretrained, new_head, parameters, *loaders)
+
+
+def start_from_bundle(source: Bundle, architecture: str, classes: list[str], size: int) -> tuple[torch.nn.Module, dict, bool]:
+    """`source`'s model to train on (--init-from): (model, its model_args, whether its head is new).
+
+    The same classes keep the whole model, head included: training goes on, at another resolution
+    or for more epochs, say (fastai's progressive resizing). Other classes keep the body and start
+    a new zero head, as fine-tuning a pretrained model does.
+    """
+    if source.architecture != architecture:
+        raise BundleError(f"--init-from {source.path} holds a {source.architecture}, not a {architecture}: "
+                          f"leave out --model, or name the bundle's architecture")
+    model_args = {k: v for k, v in source.config.get("model_args", {}).items() if k != "in_chans"}
+    if "img_size" in model_args and model_args["img_size"] != size:
+        raise BundleError(f"{architecture} is built for {model_args['img_size']} px inputs only, not {size} px: "
+                          f"leave out --image-size")
+    model = source.model.train()
+    new_head = source.label_names != list(classes)
+    if new_head:
+        model.reset_classifier(len(classes))
+        zero_head(model)
+    log.info("starting from the weights of %s%s", source.path,
+             f" with a new head for {len(classes)} classes" if new_head else ", its head included")
+    return model, model_args, new_head
 
 
 # Recipes: settings that fill the options a user did not give (training/finetune.py --recipe).
@@ -265,14 +304,18 @@ def apply_recipe(values: dict, given: set[str] | frozenset[str] = frozenset()) -
     return out
 
 
-def train_config(cfg: RunConfig, pretrained: bool, lr: float | None = None) -> TrainConfig:
-    """The fit() settings of `cfg`; `lr` overrides cfg's (the LR finder's suggestion, say)."""
+def train_config(cfg: RunConfig, new_head: bool, lr: float | None = None) -> TrainConfig:
+    """The fit() settings of `cfg`; `lr` overrides cfg's (the LR finder's suggestion, say).
+
+    `new_head`: a trained body under a new head (Prepared.new_head), which by default first trains
+    the head alone for an epoch and then the body at a tenth of the head's rate.
+    """
     return TrainConfig(
         epochs=cfg.epochs, lr=lr if lr is not None else cfg.resolved_lr(), optimizer=cfg.optimizer,
         momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
         warmup_epochs=cfg.warmup_epochs, label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip,
-        freeze_epochs=cfg.freeze_epochs if cfg.freeze_epochs is not None else int(pretrained),
-        backbone_lr_scale=cfg.backbone_lr_scale if cfg.backbone_lr_scale is not None else (0.1 if pretrained else 1.0),
+        freeze_epochs=cfg.freeze_epochs if cfg.freeze_epochs is not None else int(new_head),
+        backbone_lr_scale=cfg.backbone_lr_scale if cfg.backbone_lr_scale is not None else (0.1 if new_head else 1.0),
         patience=cfg.patience, amp=cfg.amp, seed=cfg.seed)
 
 
@@ -285,7 +328,7 @@ def find_lr(cfg: RunConfig, setup: Prepared, device: torch.device, out: Path) ->
     saved = out / LR_FINDER_FILE
     if cfg.resume and saved.exists():
         return LRFinderResult.load(saved)
-    finder = lr_range_test(setup.model, setup.train_loader, train_config(cfg, setup.pretrained, lr=1.0),
+    finder = lr_range_test(setup.model, setup.train_loader, train_config(cfg, setup.new_head, lr=1.0),
                            device=device, num_steps=cfg.lr_finder_steps)
     if distributed.is_distributed():
         log_lr = torch.tensor([math.log(finder.suggestion)], device=device, dtype=torch.float64)
@@ -315,7 +358,7 @@ def run(cfg: RunConfig) -> RunResult:
 
     finder = find_lr(cfg, setup, device, out) if cfg.lr == "auto" else None
     lr = finder.suggestion if finder else cfg.resolved_lr()
-    result = fit(model, setup.train_loader, val_loader, train_config(cfg, pretrained, lr), out, device=device,
+    result = fit(model, setup.train_loader, val_loader, train_config(cfg, setup.new_head, lr), out, device=device,
                  resume=cfg.resume, sync_batchnorm=cfg.sync_batchnorm)
 
     # Evaluate the best epoch by validation loss, not merely the last one.

@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = pick_device(cfg.device)
         setup = prepare(cfg, device)
-        result = lr_range_test(setup.model, setup.train_loader, train_config(cfg, setup.pretrained, lr=args.end_lr),
+        result = lr_range_test(setup.model, setup.train_loader, train_config(cfg, setup.new_head, lr=args.end_lr),
                                device=device, start_lr=args.start_lr, end_lr=args.end_lr,
                                num_steps=args.steps, method=args.method)
     except USER_ERRORS as exc:

