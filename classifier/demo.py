@@ -19,6 +19,7 @@ from typing import Sequence
 from PIL import Image
 
 from classifier.bundle import CONFIG_FILE, Bundle, BundleError, load_bundle
+from classifier.data import IMAGE_EXTENSIONS
 from classifier.hub import HubError
 from classifier.images import ImageError, ImageSource
 from classifier.predict import Predictor
@@ -30,7 +31,8 @@ EXAMPLES_DIR = REPO_ROOT / "assets" / "examples"
 # Any other folder in assets/models comes after these, in name order.
 PREFERRED_MODELS = ("cifar10-efficientnet-lite0", "cifar10-cnn")
 ALL = "all"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
+# Example images are shown in the browser, which cannot show TIFF: the library's formats less those.
+IMAGE_SUFFIXES = tuple(sorted(IMAGE_EXTENSIONS - {".tif", ".tiff"}))
 
 
 # ----------------------------------------------------------------------------------------------

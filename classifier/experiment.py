@@ -280,9 +280,10 @@ def resolve_recipe(name: str, model: str) -> str:
 
 def _bf16_is_fast(device: str) -> bool:
     """bf16 pays on CUDA GPUs that have it and on CPUs with bf16 instructions (AVX512-BF16, AMX)."""
-    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+    kind = pick_device(device).type
+    if kind == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device != "cpu" and device != "auto":
+    if kind != "cpu":
         return False  # MPS and others: "auto" mixed precision (fp16) is what they do fast
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 

@@ -114,7 +114,9 @@ class DeviceLoader:
         self.dtype, self.channels_last = dtype, channels_last
         self.rank = distributed.rank() if rank is None else rank
         self.world_size = distributed.world_size() if world_size is None else world_size
-        per_rank = math.ceil(n / self.world_size) if train else len(range(self.rank, n, self.world_size))
+        # Evaluation shards exactly as the DataLoader path does (each sample on one rank, none repeated).
+        self._shard = None if train else distributed.ShardSampler(self.images, self.world_size, self.rank)
+        per_rank = math.ceil(n / self.world_size) if train else len(self._shard)
         self.drop_last = (train and per_rank >= self.batch_size) if drop_last is None else drop_last
         self._per_rank = per_rank
         # x / 255 normalised in one multiply-add: (x / 255 - mean) / std = x * scale - shift
@@ -157,7 +159,7 @@ class DeviceLoader:
         """
         n = len(self.images)
         if not self.train:
-            return torch.arange(self.rank, n, self.world_size), None, None
+            return torch.tensor(list(self._shard), dtype=torch.int64), None, None
         generator = torch.Generator().manual_seed(_seed(self.seed, 0, epoch))
         order = torch.randperm(n, generator=generator)
         total = self._per_rank * self.world_size

@@ -11,6 +11,7 @@ across the image, the linear layer needs one per pixel.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,24 +83,33 @@ class ModelReport:
 
 
 @torch.no_grad()
-def model_report(model: nn.Module, input_size: tuple[int, int, int], name: str = "") -> ModelReport:
-    """One row per module that holds parameters of its own, with its output shape for one image."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    hooks = []
-    for module_name, module in model.named_modules():
-        def record(_module, _inputs, output, key=module_name):
-            if isinstance(output, torch.Tensor):
-                shapes[key] = tuple(output.shape[1:])
-        hooks.append(module.register_forward_hook(record))
+@contextmanager
+def watching(model: nn.Module, modules: dict[str, nn.Module], record):
+    """`model` in eval mode with record(name, output) hooked onto `modules`; afterwards the hooks
+    are gone and the model is in the mode it was in, whatever the forward pass raised."""
+    hooks = [module.register_forward_hook(lambda _m, _i, output, key=name: record(key, output))
+             for name, module in modules.items()]
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     try:
-        model(torch.zeros(1, *input_size, device=device))
+        yield model
     finally:
         for hook in hooks:
             hook.remove()
         model.train(was_training)
+
+
+def model_report(model: nn.Module, input_size: tuple[int, int, int], name: str = "") -> ModelReport:
+    """One row per module that holds parameters of its own, with its output shape for one image."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(key: str, output) -> None:
+        if isinstance(output, torch.Tensor):
+            shapes[key] = tuple(output.shape[1:])
+
+    device = next(model.parameters()).device
+    with watching(model, dict(model.named_modules()), record):
+        model(torch.zeros(1, *input_size, device=device))
     report = ModelReport(name or type(model).__name__, tuple(input_size), int(getattr(model, "num_classes", 0)))
     for module_name, module in model.named_modules():
         own = list(module.parameters(recurse=False))
@@ -219,18 +229,10 @@ def plot_feature_maps(model: nn.Module, image: Image.Image, transform, path: str
     if not convs:
         return None
     outputs: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, out, key=n: outputs.__setitem__(key, out.detach().float().cpu()))
-             for n, m in convs]
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     x = transform(image)
-    try:
+    with watching(model, dict(convs), lambda key, out: outputs.__setitem__(key, out.detach().float().cpu())):
         model(x.unsqueeze(0).to(device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
     # The input as the model sees it (resized, cropped), stretched to [0, 1] for display.
     shown = ((x - x.min()) / (x.max() - x.min() + 1e-12)).permute(1, 2, 0).squeeze(-1).numpy()
     fig, axes = plt.subplots(len(convs), per_layer + 1, figsize=((per_layer + 1) * 1.1, len(convs) * 1.25),
