@@ -73,6 +73,28 @@ class Bundle:
         return json.loads(path.read_text()) if path.exists() else None
 
 
+def stage_record(source: Bundle) -> dict:
+    """What a run started from `source` (--init-from) keeps of it: where it was, how it was made and
+    how it scored, with the stages before it, so a bundle trained in stages says how to redo them."""
+    project = source.project
+    metrics = source.eval_metrics() or project.get("metrics", {})
+    record = {"bundle": str(source.path), "input_size": list(source.pretrained_cfg["input_size"]),
+              "command": project.get("command"), "accuracy": metrics.get("accuracy"),
+              "train_seconds": metrics.get("train_seconds")}
+    if project.get("started_from"):
+        record["started_from"] = project["started_from"]
+    return record
+
+
+def lineage(project: dict) -> list[dict]:
+    """The stages a bundle was trained in before its own run (stage_record), earliest first."""
+    stages, stage = [], project.get("started_from")
+    while stage:
+        stages.append(stage)
+        stage = stage.get("started_from")
+    return stages[::-1]
+
+
 def library_versions() -> dict:
     import PIL
     import timm

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from classifier.bundle import CONFIG_FILE, Bundle, BundleError, load_bundle
+from classifier.bundle import CONFIG_FILE, Bundle, BundleError, lineage, load_bundle
 from classifier.data import IMAGE_EXTENSIONS
 from classifier.hub import HubError
 from classifier.images import ImageError, ImageSource
@@ -309,6 +309,9 @@ def model_summary(bundle: Bundle, location: str, metrics: dict | None = None) ->
         ("Calibration", f"temperature {bundle.temperature:.3f}; expected calibration error "
                         f"{_percent(ece_before)} before, {_percent(ece_after)} after"),
         ("Source", describe_source(location)),
+        *((f"Training stage {number}", f"`{stage.get('command') or 'not recorded'}` "
+           f"({_percent(stage.get('accuracy'))} test accuracy)")
+          for number, stage in enumerate(lineage(project), start=1)),
         ("Training command", f"`{project['command']}`" if project.get("command") else "not recorded"),
         ("Library versions", ", ".join(f"{k} {v}" for k, v in project.get("versions", {}).items()) or "not recorded"),
     ]

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, DistributedSampler
 
 from classifier import distributed
-from classifier.bundle import EVAL_DIR, Bundle, BundleError, load_bundle, make_config, save_bundle
+from classifier.bundle import EVAL_DIR, Bundle, BundleError, load_bundle, make_config, save_bundle, stage_record
 from classifier.data import (DataError, DataSplits, ImageDataset, build_transform, channel_stats, collate_skipping_broken,
                              load_data, materialize_small)
 from classifier.evaluate import (calibrated_metrics, predict_logits, rank_mistakes, sample_predictions,
@@ -180,6 +180,7 @@ class Prepared:
     train_loader: DataLoader
     val_loader: DataLoader
     test_loader: DataLoader
+    started_from: dict | None = None  # with --init-from: that bundle's record (bundle.stage_record)
 
 
 def prepare(cfg: RunConfig, device: torch.device, data: DataSplits | None = None) -> Prepared:
@@ -226,7 +227,8 @@ def prepare(cfg: RunConfig, device: torch.device, data: DataSplits | None = None
                    _loader(dataset(data.val, False), per_rank * 2, train=False, cfg=cfg, device=device),
                    _loader(dataset(data.test, False), per_rank * 2, train=False, cfg=cfg, device=device))
     log.info("loader: %s", type(loaders[0]).__name__)
-    return Prepared(data, dcfg, model, model_args, in_chans, pretrained, new_head, parameters, *loaders)
+    return Prepared(data, dcfg, model, model_args, in_chans, pretrained, new_head, parameters, *loaders,
+                    started_from=stage_record(source) if source is not None else None)
 
 
 def start_from_bundle(source: Bundle, architecture: str, classes: list[str], size: int) -> tuple[torch.nn.Module, dict, bool]:
@@ -390,6 +392,8 @@ def run(cfg: RunConfig) -> RunResult:
         }
         if data.is_small and size > max(data.image_size()):
             project["source_image_size"] = list(data.image_size())
+        if setup.started_from:
+            project["started_from"] = setup.started_from
         if finder:  # training.lr says "auto"; this says what that meant
             project["lr_finder"] = finder.summary()
         config = make_config(model, architecture=cfg.model, label_names=data.classes, model_args=model_args

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from classifier.bundle import CONFIG_FILE, EVAL_DIR, BundleError
+from classifier.bundle import CONFIG_FILE, EVAL_DIR, BundleError, lineage
 from classifier.models import is_project_model
 
 CARD_FILE = "README.md"
@@ -249,8 +249,12 @@ class _CardFacts:
             rows.append(("Parameters", f"{self.project['parameters']:,}"))
         rows.append(("Input", f"{'x'.join(map(str, cfg.get('input_size', [])))} (channels x height x width), "
                               f"{cfg.get('interpolation', '?')} resize, crop_pct {cfg.get('crop_pct', '?')}"))
-        rows.append(("Start", f"[{self.base_model}](https://huggingface.co/{self.base_model})"
-                     if self.base_model else "random initialisation"))
+        stages = lineage(self.project)
+        start = (f"[{self.base_model}](https://huggingface.co/{self.base_model})" if self.base_model
+                 else "random initialisation")
+        if stages:
+            start = f"{start}, then {len(stages)} earlier training stage(s), listed below"
+        rows.append(("Start", start))
         rows.append(("Data", self.dataset_name))
         if "num_train" in self.project:
             rows.append(("Images (train / validation / test)",
@@ -264,11 +268,23 @@ class _CardFacts:
                                                 ("optimizer", "lr", "batch_size", "schedule", "weight_decay",
                                                  "label_smoothing") if training.get(k) is not None)))
         if self.metrics and self.metrics.get("train_seconds"):
-            rows.append(("Training time", f"{self.metrics['train_seconds']:.0f} s"))
+            seconds = self.metrics["train_seconds"]
+            earlier = [stage.get("train_seconds") for stage in stages]
+            if stages and all(earlier):
+                rows.append(("Training time", f"{seconds:.0f} s in this stage, {seconds + sum(earlier):.0f} s "
+                                              f"with the earlier stages"))
+            else:
+                rows.append(("Training time", f"{seconds:.0f} s"))
         lines = ["## Training", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
+        for number, stage in enumerate(stages, start=1):
+            size = "x".join(map(str, stage.get("input_size", [])[1:]))
+            accuracy = f", test accuracy {stage['accuracy']:.2%}" if stage.get("accuracy") is not None else ""
+            lines += [f"Stage {number} ({size} px input{accuracy}; its bundle was `{stage['bundle']}`, "
+                      f"which the next stage's `--init-from` names):", "",
+                      "```bash", stage.get("command") or "# command not recorded", "```", ""]
         command = self.project.get("command")
         if command:
-            lines += ["The exact command:", "", "```bash", command, "```"]
+            lines += [f"The exact command{' of the last stage' if stages else ''}:", "", "```bash", command, "```"]
         else:
             lines += ["The command line of this run was not recorded."]
         if self._has(f"{EVAL_DIR}/curves.png"):

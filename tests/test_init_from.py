@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from classifier.bundle import BundleError
+from classifier.bundle import BundleError, lineage, load_bundle
+from classifier.demo import model_summary
 from classifier.experiment import RunConfig, prepare, train_config
 from tests.test_finetune_cli import finetune
 
@@ -68,6 +69,24 @@ def test_the_command_line_takes_the_model_from_the_bundle(tiny_bundle, tmp_path)
     config = json.loads((out / "bundle" / "config.json").read_text())
     assert config["architecture"] == "fast_cnn" and config["model_args"]["widths"] == [16, 32, 64]
     assert config["classifier"]["training"]["init_from"] == str(tiny_bundle)
+
+    # The new bundle says how the one it started from was made, so both stages can be redone.
+    first = json.loads((tiny_bundle / "config.json").read_text())["classifier"]
+    first_metrics = json.loads((tiny_bundle / "eval" / "metrics.json").read_text())
+    stage = config["classifier"]["started_from"]
+    assert stage["bundle"] == str(tiny_bundle) and stage["command"] == first["command"]
+    assert stage["accuracy"] == first_metrics["accuracy"] and stage["input_size"] == [3, 32, 32]
+    card = (out / "bundle" / "README.md").read_text()
+    assert "Stage 1 (32x32 px input" in card and first["command"] in card
+    assert "The exact command of the last stage" in card and "--init-from" in card
+    summary = model_summary(load_bundle(out / "bundle"), str(out / "bundle"))
+    assert "| Training stage 1 | `" + first["command"] in summary
+
+
+def test_lineage_lists_the_stages_earliest_first():
+    project = {"command": "third", "started_from": {"command": "second", "started_from": {"command": "first"}}}
+    assert [stage["command"] for stage in lineage(project)] == ["first", "second"]
+    assert lineage({"command": "only"}) == []
 
 
 def test_the_command_line_reports_a_missing_bundle_in_one_line(tmp_path):
