@@ -4,6 +4,7 @@
     python training/finetune.py --data cifar10 --data-dir ../shared/data/cifar10-jpeg.tar.gz \\
         --model tf_efficientnet_lite0 --epochs 3 --image-size 96 --out runs/lite0
     python training/finetune.py --data path/to/folder --model tutorial_cifar_cnn --epochs 30
+    python training/finetune.py ... --init-from runs/lite0/bundle --image-size 224 --epochs 2   (go on training)
     torchrun --nproc_per_node=4 training/finetune.py ...      (DistributedDataParallel)
     python training/finetune.py ... --push-to-hub alice/cifar10-fast-cnn [--private] [--revision v2]
 
