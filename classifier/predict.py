@@ -70,8 +70,8 @@ class Predictor:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, device=device)
         self.device = torch.device(device)
         self.model = self.bundle.model.to(self.device).eval()
-        # NHWC, as oneDNN and cuDNN run convolutions fastest: lite0's one-image forward pass takes
-        # 11.6 ms instead of 14.9 ms on one CPU thread.
+        # NHWC, as oneDNN and cuDNN run convolutions fastest: the shipped lite0's one-image forward
+        # pass takes 13.0 ms instead of 16.1 ms on one CPU thread (benchmarks/app_latency.py).
         self.memory_format = torch.channels_last if self.device.type in ("cpu", "cuda") else torch.preserve_format
         self.model.to(memory_format=self.memory_format)
         self.labels = self.bundle.label_names
