@@ -74,6 +74,8 @@ class RunConfig:
     schedule: str = "onecycle"
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
     grad_clip: float | None = None
     freeze_epochs: int | None = None  # None: 1 when fine-tuning a pretrained model, else 0
     backbone_lr_scale: float | None = None  # None: 0.1 when fine-tuning, else 1
@@ -316,7 +318,8 @@ def train_config(cfg: RunConfig, new_head: bool, lr: float | None = None) -> Tra
     return TrainConfig(
         epochs=cfg.epochs, lr=lr if lr is not None else cfg.resolved_lr(), optimizer=cfg.optimizer,
         momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
-        warmup_epochs=cfg.warmup_epochs, label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip,
+        warmup_epochs=cfg.warmup_epochs, label_smoothing=cfg.label_smoothing, mixup=cfg.mixup, cutmix=cfg.cutmix,
+        grad_clip=cfg.grad_clip,
         freeze_epochs=cfg.freeze_epochs if cfg.freeze_epochs is not None else int(new_head),
         backbone_lr_scale=cfg.backbone_lr_scale if cfg.backbone_lr_scale is not None else (0.1 if new_head else 1.0),
         patience=cfg.patience, amp=cfg.amp, seed=cfg.seed)

@@ -22,6 +22,8 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -34,6 +36,9 @@ LAST_CHECKPOINT = "last.pt"
 BEST_WEIGHTS = "best.safetensors"
 METRICS_LOG = "metrics.jsonl"
 CURVES_PNG = "curves.png"
+
+
+SOFT_TARGET_LOSS = SoftTargetCrossEntropy()  # for mixed batches, whose targets are distributions
 
 
 class TrainingDiverged(FloatingPointError):
@@ -51,6 +56,10 @@ class TrainConfig:
     schedule: str = "onecycle"  # "onecycle", "cosine" (with linear warm-up) or "constant"
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
+    # Mixing training images (timm's Mixup), a regulariser for long runs: alpha of the Beta
+    # distribution the mixing weight is drawn from; 0 = off. With both, each batch is one or the other.
+    mixup: float = 0.0  # blend two images and their labels
+    cutmix: float = 0.0  # paste a box of one image into another, labels by area
     grad_clip: float | None = None  # max global gradient norm
     freeze_epochs: int = 0  # epochs that train the head alone, body frozen (fine-tuning)
     backbone_lr_scale: float = 1.0  # the body's learning rate relative to the head's
@@ -186,6 +195,18 @@ def build_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
     raise ValueError(f"unknown schedule '{config.schedule}' (onecycle, cosine or constant)")
 
 
+def batch_mixer(config: TrainConfig, model: nn.Module) -> Mixup | None:
+    """timm's Mixup for `config`'s mixup/cutmix alphas (None when both are 0)."""
+    if not (config.mixup > 0 or config.cutmix > 0):
+        return None
+    num_classes = getattr(model, "num_classes", None)
+    if not num_classes:
+        raise ValueError(f"--mixup/--cutmix need the model's number of classes; {type(model).__name__} "
+                         f"has no num_classes")
+    return Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing,
+                 num_classes=num_classes)
+
+
 def _set_body_trainable(model: nn.Module, trainable: bool) -> None:
     head_ids = {id(p) for p in head_parameters(model)}
     for p in model.parameters():
@@ -247,6 +268,7 @@ def fit(
     scheduler = build_scheduler(optimizer, config, len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    mixer = batch_mixer(config, model)
     result = FitResult(best_weights=out_dir / BEST_WEIGHTS)
     start_epoch, bad_epochs = 0, 0
 
@@ -295,9 +317,14 @@ def fit(
             x, y = (t.to(device, non_blocking=True) for t in batch[:2])  # (x, y[, index])
             if channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
+            # Mixed batches train on soft targets (label smoothing folded in); accuracy is still
+            # counted against each image's own label. An odd last batch cannot be paired: unmixed.
+            targets = None
+            if mixer is not None and len(y) % 2 == 0:
+                x, targets = mixer(x, y)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 logits = train_model(x)
-                loss = criterion(logits.float(), y)
+                loss = criterion(logits.float(), y) if targets is None else SOFT_TARGET_LOSS(logits.float(), targets)
             scaler.scale(loss).backward()
             if config.grad_clip:
                 scaler.unscale_(optimizer)

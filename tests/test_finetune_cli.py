@@ -41,13 +41,14 @@ def test_help_lists_every_option_with_its_default():
 def test_a_real_run_writes_a_bundle(folder, tmp_path):
     out = tmp_path / "run"
     result = finetune("--data", folder, "--model", "tutorial_cifar_cnn", "--epochs", "2", "--batch-size", "16",
-                      "--lr", "0.02", "--workers", "0", "--out", out, "--classes", "circle,square")
+                      "--lr", "0.02", "--workers", "0", "--out", out, "--classes", "circle,square", "--cutmix", "1.0")
     assert result.returncode == 0, result.stderr
     assert "tutorial_cifar_cnn: 537,086 parameters" in result.stdout  # parameter count is printed
     assert result.stdout.count("epoch ") >= 2 and "test accuracy" in result.stdout
     bundle = out / "bundle"
     config = json.loads((bundle / "config.json").read_text())
     assert config["label_names"] == ["circle", "square"]
+    assert config["classifier"]["training"]["cutmix"] == 1.0 and config["classifier"]["training"]["mixup"] == 0.0
     assert config["classifier"]["command"].startswith("python ") and "--classes circle,square" in config["classifier"]["command"]
     metrics = json.loads((bundle / "eval" / "metrics.json").read_text())
     assert metrics["num_samples"] == 48 and f"test accuracy {metrics['accuracy']:.4f}" in result.stdout
@@ -70,6 +71,11 @@ def test_user_mistakes_get_one_clear_line(folder, tmp_path, args, message):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_negative_mixing_alpha_is_refused_before_anything_runs():
+    result = finetune("--mixup", "-0.2")
+    assert result.returncode == 2 and "alpha must be 0 (off) or positive, not -0.2" in result.stderr
 
 
 @pytest.mark.timeout(900)  # three full runs in subprocesses; about 30 s on a quiet machine

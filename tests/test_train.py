@@ -63,6 +63,39 @@ def test_fit_trains_channels_last_on_the_cpu(shapes, tmp_path):
     assert all(t.is_contiguous() for t in load_file(str(result.best_weights)).values())
 
 
+def test_mixup_and_cutmix_train_on_mixed_soft_targets(shapes, tmp_path, monkeypatch):
+    from classifier import train
+
+    calls = []
+    real = train.SOFT_TARGET_LOSS
+
+    def spy(logits, targets):
+        calls.append((len(targets), targets.max(1).values.min().item()))
+        return real(logits, targets)
+
+    monkeypatch.setattr(train, "SOFT_TARGET_LOSS", spy)
+    config = TrainConfig(epochs=6, lr=0.05, optimizer="sgd", mixup=0.2, cutmix=1.0, label_smoothing=0.1)
+    train_loader, val_loader = loaders(shapes, batch_size=16)
+    result = fit(small_cnn(), train_loader, val_loader, config, tmp_path / "even")
+    assert [n for n, _ in calls] == [len(batch[1]) for batch in train_loader] * 6  # every batch mixed
+    assert min(top for _, top in calls) < 0.9  # soft targets: mixed labels, smoothing folded in
+    assert result.history[-1]["val_acc"] >= 0.7  # it still learns the shapes
+
+    calls.clear()  # odd batches cannot be paired off: they train unmixed on their own labels
+    odd = loaders(shapes, batch_size=13)
+    assert all(len(batch[1]) % 2 for batch in odd[0])
+    fit(small_cnn(), *odd, TrainConfig(epochs=1, lr=0.05, optimizer="sgd", mixup=0.2), tmp_path / "odd")
+    assert calls == []
+
+
+def test_no_mixing_unless_asked():
+    from classifier.train import batch_mixer
+
+    assert batch_mixer(TrainConfig(), small_cnn()) is None
+    mixer = batch_mixer(TrainConfig(cutmix=1.0), small_cnn())
+    assert mixer.num_classes == 3 and mixer.cutmix_alpha == 1.0 and mixer.mixup_alpha == 0.0
+
+
 class StopAfter(Exception):
     pass
 

@@ -50,6 +50,17 @@ def lr_value(text: str) -> float | str:
     return value
 
 
+def alpha_value(text: str) -> float:
+    """--mixup/--cutmix: a Beta distribution's alpha, or 0 for off."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"alpha must be 0 (off) or positive, not {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = RunConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -91,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--schedule", choices=["onecycle", "cosine", "constant"], default=d.schedule, help="learning-rate schedule, stepped per batch")
     g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up length (onecycle: its rising phase)")
     g.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="cross-entropy label smoothing")
+    g.add_argument("--mixup", type=alpha_value, default=d.mixup,
+                   help="mixup alpha: train on blends of two images and their labels (timm's Mixup; 0.2 is usual; 0 = off)")
+    g.add_argument("--cutmix", type=alpha_value, default=d.cutmix,
+                   help="cutmix alpha: paste a box of one image into another, labels by area (1.0 is usual; 0 = off); "
+                        "with --mixup too, each batch gets one of the two")
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm")
     g.add_argument("--freeze-epochs", type=int, default=d.freeze_epochs, help="epochs training only the new head (default: 1 when pretrained)")
     g.add_argument("--backbone-lr-scale", type=float, default=d.backbone_lr_scale, help="body learning rate / head learning rate (default: 0.1 when pretrained)")
