@@ -273,10 +273,11 @@ FAST_LR_PER_EXAMPLE = 1.5 / 1024
 FAST_WARMUP_SHARE = 0.23
 
 
-def resolve_recipe(name: str, model: str) -> str:
-    """"auto" is "fast" for fast_cnn (which was made for it) and "none" for every other model."""
+def resolve_recipe(name: str, model: str, init_from: str | None = None) -> str:
+    """"auto" is "fast" for fast_cnn trained from scratch (what it was made for) and "none" for
+    every other model, and for a run that goes on from a trained bundle (--init-from)."""
     if name == "auto":
-        return "fast" if model == "fast_cnn" else "none"
+        return "fast" if model == "fast_cnn" and not init_from else "none"
     if name != "none" and name not in RECIPES:
         raise ValueError(f"unknown recipe '{name}' (auto, none, {', '.join(RECIPES)})")
     return name
@@ -296,7 +297,7 @@ def apply_recipe(values: dict, given: set[str] | frozenset[str] = frozenset()) -
     """RunConfig fields `values` with their recipe's settings, except those named in `given` (the
     options a user set). values["recipe"] names it ("auto", "none" or a key of RECIPES); the
     learning rate follows the batch size and the warm-up the number of epochs, given or not."""
-    name = resolve_recipe(values.get("recipe", "none"), values.get("model", RunConfig.model))
+    name = resolve_recipe(values.get("recipe", "none"), values.get("model", RunConfig.model), values.get("init_from"))
     out = dict(values, recipe=name)
     if name == "none":
         return out

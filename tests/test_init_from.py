@@ -69,6 +69,9 @@ def test_the_command_line_takes_the_model_from_the_bundle(tiny_bundle, tmp_path)
     config = json.loads((out / "bundle" / "config.json").read_text())
     assert config["architecture"] == "fast_cnn" and config["model_args"]["widths"] == [16, 32, 64]
     assert config["classifier"]["training"]["init_from"] == str(tiny_bundle)
+    # fast_cnn's automatic recipe is for training from scratch, not for going on from a bundle
+    assert config["classifier"]["training"]["recipe"] == "none"
+    assert config["classifier"]["training"]["label_smoothing"] == 0.0
 
     # The new bundle says how the one it started from was made, so both stages can be redone.
     first = json.loads((tiny_bundle / "config.json").read_text())["classifier"]
