@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recipe", choices=["auto", "none", *RECIPES], default="auto",
                    help="fill the options not given from a recipe: fast = airbench94's (batch 512, SGD lr 0.75 "
                         "Nesterov 0.85, label smoothing 0.2, bf16, TTA; see classifier.experiment.RECIPES); "
-                        "auto = fast for fast_cnn, none otherwise")
+                        "auto = fast for fast_cnn from scratch (not with --init-from), none otherwise")
     g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training split")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size (split across DDP processes)")
     g.add_argument("--lr", type=lr_value, default=d.lr,
