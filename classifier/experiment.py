@@ -117,18 +117,18 @@ class RunResult:
 def _data_config(cfg: RunConfig, data: DataSplits, pretrained: bool, source: Bundle | None = None) -> dict:
     """input size, mean, std, interpolation and crop for this run."""
     native = data.image_size()
-    if source is not None:  # the normalisation the weights were trained with; the size may change
-        pcfg = source.pretrained_cfg
-        return {"image_size": cfg.image_size or int(pcfg["input_size"][-1]), "mean": tuple(pcfg["mean"]),
-                "std": tuple(pcfg["std"]), "interpolation": pcfg.get("interpolation", "bilinear"),
-                "crop_pct": 1.0 if data.is_small else float(pcfg.get("crop_pct", 0.875))}
-    if pretrained:
-        pcfg = timm.models.get_pretrained_cfg(cfg.model)
-        pcfg = pcfg.to_dict() if pcfg is not None else {}
+    if source is not None or pretrained:
+        # The normalisation the weights were trained with: the bundle's (--init-from) or timm's
+        # pretrained config. The size may change. Defaults as Predictor (bundle) and timm have them.
+        if source is not None:
+            pcfg, interpolation = source.pretrained_cfg, "bilinear"
+        else:
+            registered = timm.models.get_pretrained_cfg(cfg.model)
+            pcfg, interpolation = (registered.to_dict() if registered is not None else {}), "bicubic"
         size = cfg.image_size or int(pcfg.get("input_size", (3, 224, 224))[-1])
         return {"image_size": size, "mean": tuple(pcfg.get("mean", (0.485, 0.456, 0.406))),
                 "std": tuple(pcfg.get("std", (0.229, 0.224, 0.225))),
-                "interpolation": pcfg.get("interpolation", "bicubic"),
+                "interpolation": pcfg.get("interpolation", interpolation),
                 "crop_pct": 1.0 if data.is_small else float(pcfg.get("crop_pct", 0.875))}
     channels = data.channels
     mean, std = channel_stats(data.train, channels, seed=cfg.seed)
