@@ -401,6 +401,12 @@ def zero_head(model: nn.Module) -> None:
         p.zero_()
 
 
+def channels_last_pays(device: torch.device) -> bool:
+    """Whether convolutions run faster NHWC (channels_last) here: with oneDNN on the CPU (1.0-2.2x
+    the training images/s of NCHW on a 2-core CPU, benchmarks/step_speed.py) and cuDNN on CUDA."""
+    return device.type in ("cpu", "cuda")
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 

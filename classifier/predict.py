@@ -19,6 +19,7 @@ from torchvision import transforms as T
 from classifier.bundle import Bundle, load_bundle
 from classifier.data import INTERPOLATION
 from classifier.images import ImageSource, open_image
+from classifier.models import channels_last_pays
 
 
 def eval_transform(bundle: Bundle) -> T.Compose:
@@ -70,10 +71,11 @@ class Predictor:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, device=device)
         self.device = torch.device(device)
         self.model = self.bundle.model.to(self.device).eval()
-        # NHWC, as oneDNN and cuDNN run convolutions fastest: the shipped lite0's one-image forward
-        # pass takes 13.0 ms instead of 16.1 ms on one CPU thread (benchmarks/app_latency.py).
-        self.memory_format = torch.channels_last if self.device.type in ("cpu", "cuda") else torch.preserve_format
-        self.model.to(memory_format=self.memory_format)
+        # NHWC where it pays: the shipped lite0's one-image forward pass takes 13.0 ms instead of
+        # 16.1 ms on one CPU thread (benchmarks/app_latency.py).
+        self.channels_last = channels_last_pays(self.device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.labels = self.bundle.label_names
         self.transform = eval_transform(self.bundle)
         self.temperature = self.bundle.temperature
@@ -87,7 +89,7 @@ class Predictor:
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(self.device)
-        if batch.ndim == 4 and self.memory_format is torch.channels_last:
+        if self.channels_last and batch.ndim == 4:
             batch = batch.contiguous(memory_format=torch.channels_last)
         logits = tta_logits(self.model, batch) if self.tta else self.model(batch)
         return (logits.float() / self.temperature).softmax(-1).cpu()

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from classifier import distributed
-from classifier.models import assert_finite, head_parameters
+from classifier.models import assert_finite, channels_last_pays, head_parameters
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,7 @@ class TrainConfig:
     backbone_lr_scale: float = 1.0  # the body's learning rate relative to the head's
     patience: int | None = None  # early stopping: epochs without a better validation loss
     amp: str = "auto"  # "auto" (bf16/fp16 on CUDA, off on CPU), "bf16", "fp16", "off"
-    # NHWC batches and weights on the CPU and CUDA, where oneDNN and cuDNN run convolutions fastest
-    # in it: 1.0-2.2x the training images/s of NCHW on a 2-core CPU (benchmarks/step_speed.py).
-    channels_last: bool = True
+    channels_last: bool = True  # NHWC batches and weights where it pays (models.channels_last_pays)
     seed: int = 0
 
 
@@ -259,7 +257,7 @@ def fit(
     seed_everything(config.seed)
 
     model.to(device)
-    channels_last = config.channels_last and device.type in ("cpu", "cuda")
+    channels_last = config.channels_last and channels_last_pays(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if sync_batchnorm:  # before the optimiser sees the model and before DDP wraps it
