@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from classifier.bundle import load_bundle
-from classifier.demo import EXAMPLES_DIR, MODELS_DIR, PREFERRED_MODELS, default_model, find_bundles
+from classifier.demo import EXAMPLES_DIR, MODELS_DIR, PREFERRED_MODELS, default_model, example_images, find_bundles
 from classifier.predict import Predictor
 
 BUNDLES = find_bundles(MODELS_DIR)
 MAX_SHIPPED_WEIGHTS = 25_000_000  # bytes: the app issue's limit for all shipped weights together
-EXAMPLES = sorted(p for p in EXAMPLES_DIR.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+EXAMPLES = [Path(p) for p in example_images()]  # the photos the app offers
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
