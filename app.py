@@ -82,7 +82,7 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
             gr.Dropdown(choices=filters, value=logic.ALL), gr.Dropdown(choices=filters, value=logic.ALL),
             evaluation.gallery(), evaluation.summary(), _table(*evaluation.confusion_table()),
             evaluation.image("confusion_matrix.png"), _table(*evaluation.per_class_table()),
-            logic.model_summary(bundle, store.location(name), evaluation.metrics), evaluation.image("curves.png"),
+            logic.model_summary(bundle, store.location(name)), evaluation.image("curves.png"),
             evaluation.image("samples.png"))
 
     def predict(upload: dict | None, name: str):

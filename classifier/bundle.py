@@ -72,15 +72,24 @@ class Bundle:
         path = self.eval_path("metrics.json")
         return json.loads(path.read_text()) if path.exists() else None
 
+    def metrics(self) -> dict:
+        """The test metrics: eval/metrics.json, else the summary config.json keeps (a bundle whose
+        eval/ was left out, e.g. one pushed without it)."""
+        return self.eval_metrics() or self.project.get("metrics", {})
 
-def stage_record(source: Bundle) -> dict:
-    """What a run started from `source` (--init-from) keeps of it: where it was, how it was made and
-    how it scored, with the stages before it, so a bundle trained in stages says how to redo them."""
+
+def stage_record(source: Bundle, location: str | os.PathLike) -> dict:
+    """What a run started from `source` (--init-from `location`) keeps of it: where it was, how it
+    was made and how it scored, with the stages before it, so a bundle trained in stages says how
+    to redo them. `location` is kept as given: for a Hub id, `source.path` is a folder in this
+    machine's cache, useless elsewhere; the commit it held (its snapshot folder's name) is kept."""
     project = source.project
-    metrics = source.eval_metrics() or project.get("metrics", {})
-    record = {"bundle": str(source.path), "input_size": list(source.pretrained_cfg["input_size"]),
+    metrics = source.metrics()
+    record = {"bundle": str(location), "input_size": list(source.pretrained_cfg["input_size"]),
               "command": project.get("command"), "accuracy": metrics.get("accuracy"),
               "train_seconds": metrics.get("train_seconds")}
+    if Path(location).expanduser().resolve() != source.path.expanduser().resolve():
+        record["revision"] = source.path.name
     if project.get("started_from"):
         record["started_from"] = project["started_from"]
     return record

@@ -280,11 +280,10 @@ def describe_source(location: str) -> str:
     return f"Hugging Face Hub [{repo_id}](https://huggingface.co/{repo_id})"
 
 
-def model_summary(bundle: Bundle, location: str, metrics: dict | None = None) -> str:
-    """The Model tab as a Markdown table: what it is, what it was trained on, how good it is.
-    `metrics`: the bundle's eval/metrics.json when the caller has read it already."""
+def model_summary(bundle: Bundle, location: str) -> str:
+    """The Model tab as a Markdown table: what it is, what it was trained on, how good it is."""
     project = bundle.project
-    metrics = (metrics if metrics is not None else bundle.eval_metrics()) or project.get("metrics", {})
+    metrics = bundle.metrics()
     calibration = metrics.get("calibration", {})
     parameters = project.get("parameters") or sum(p.numel() for p in bundle.model.parameters())
     dataset = project.get("dataset", "unknown")

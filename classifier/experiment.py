@@ -230,7 +230,7 @@ def prepare(cfg: RunConfig, device: torch.device, data: DataSplits | None = None
                    _loader(dataset(data.test, False), per_rank * 2, train=False, cfg=cfg, device=device))
     log.info("loader: %s", type(loaders[0]).__name__)
     return Prepared(data, dcfg, model, model_args, in_chans, pretrained, new_head, parameters, *loaders,
-                    started_from=stage_record(source) if source is not None else None)
+                    started_from=stage_record(source, cfg.init_from) if source is not None else None)
 
 
 def start_from_bundle(source: Bundle, architecture: str, classes: list[str], size: int) -> tuple[torch.nn.Module, dict, bool]:

@@ -279,7 +279,8 @@ class _CardFacts:
         for number, stage in enumerate(stages, start=1):
             size = "x".join(map(str, stage.get("input_size", [])[1:]))
             accuracy = f", test accuracy {stage['accuracy']:.2%}" if stage.get("accuracy") is not None else ""
-            lines += [f"Stage {number} ({size} px input{accuracy}; its bundle was `{stage['bundle']}`, "
+            revision = f" at revision `{stage['revision']}`" if stage.get("revision") else ""
+            lines += [f"Stage {number} ({size} px input{accuracy}; its bundle was `{stage['bundle']}`{revision}, "
                       f"which the next stage's `--init-from` names):", "",
                       "```bash", stage.get("command") or "# command not recorded", "```", ""]
         command = self.project.get("command")

@@ -6,7 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from classifier.bundle import BundleError, lineage, load_bundle
+import shutil
+
+from classifier.bundle import BundleError, lineage, load_bundle, stage_record
 from classifier.demo import model_summary
 from classifier.experiment import RunConfig, prepare, train_config
 from tests.test_finetune_cli import finetune
@@ -84,6 +86,16 @@ def test_the_command_line_takes_the_model_from_the_bundle(tiny_bundle, tmp_path)
     assert "The exact command of the last stage" in card and "--init-from" in card
     summary = model_summary(load_bundle(out / "bundle"), str(out / "bundle"))
     assert "| Training stage 1 | `" + first["command"] in summary
+
+
+def test_a_hub_source_is_recorded_by_its_id_and_commit_not_by_this_machines_cache(tiny_bundle, tmp_path):
+    # What hub.download_bundle returns: a snapshot folder named after the commit, in the local cache.
+    snapshot = tmp_path / "models--owner--name" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_bundle, snapshot)
+    record = stage_record(load_bundle(snapshot), "owner/name")
+    assert record["bundle"] == "owner/name" and record["revision"] == "0123abcd"
+    local = stage_record(load_bundle(tiny_bundle), str(tiny_bundle))
+    assert local["bundle"] == str(tiny_bundle) and "revision" not in local
 
 
 def test_lineage_lists_the_stages_earliest_first():
