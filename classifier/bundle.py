@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from classifier.models import create_model
+from classifier.tta import tta_mode
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -60,6 +61,11 @@ class Bundle:
     @property
     def temperature(self) -> float:
         return float(self.project.get("temperature", 1.0))
+
+    @property
+    def tta(self) -> str:
+        """The test-time augmentation its metrics were measured with (classifier.tta)."""
+        return tta_mode(self.project.get("tta"))
 
     @property
     def in_chans(self) -> int:

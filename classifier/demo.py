@@ -23,6 +23,7 @@ from classifier.data import IMAGE_EXTENSIONS
 from classifier.hub import HubError
 from classifier.images import ImageError, ImageSource
 from classifier.predict import Predictor
+from classifier.tta import describe_tta
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO_ROOT / "assets" / "models"
@@ -103,9 +104,9 @@ class ModelStore:
         with self._locks[name]:
             if name not in self._predictors:
                 bundle = self._load(location)
-                # A bundle evaluated with test-time augmentation had its accuracy measured and its
-                # temperature fitted on augmented logits: predict the same way, or neither holds.
-                predictor = Predictor(bundle, tta=bool(bundle.project.get("tta", False)))
+                # With the test-time augmentation the bundle was evaluated with (Predictor's
+                # default): its accuracy and temperature hold for those logits only.
+                predictor = Predictor(bundle)
                 # One throwaway prediction, so the first person to ask does not wait for PyTorch's
                 # lazy set-up (allocators, kernel choice), which made the first request several
                 # times slower.
@@ -303,8 +304,7 @@ def model_summary(bundle: Bundle, location: str) -> str:
         ("Pretrained from", base),
         ("Test accuracy", _percent(metrics.get("accuracy"))
          + (f" (macro F1 {metrics['macro_f1']:.3f})" if "macro_f1" in metrics else "")),
-        ("Test-time augmentation", "yes: mirror image and 1-pixel shifts averaged, in testing and here"
-         if project.get("tta") else "no"),
+        ("Test-time augmentation", describe_tta(bundle.tta) + (", in testing and here" if bundle.tta != "none" else "")),
         ("Calibration", f"temperature {bundle.temperature:.3f}; expected calibration error "
                         f"{_percent(ece_before)} before, {_percent(ece_after)} after"),
         ("Source", describe_source(location)),
@@ -312,6 +312,7 @@ def model_summary(bundle: Bundle, location: str) -> str:
            f"({_percent(stage.get('accuracy'))} test accuracy)")
           for number, stage in enumerate(lineage(project), start=1)),
         ("Training command", f"`{project['command']}`" if project.get("command") else "not recorded"),
+        *((("Evaluation command", f"`{project['evaluation_command']}`"),) if project.get("evaluation_command") else ()),
         ("Library versions", ", ".join(f"{k} {v}" for k, v in project.get("versions", {}).items()) or "not recorded"),
     ]
     # A "|" inside a cell (a shell pipe in the command, say) would end the cell early.

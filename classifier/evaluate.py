@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -172,6 +173,9 @@ def save_report(eval_dir: str | os.PathLike, metrics: dict, mistakes: list[dict]
                 samples: list[dict] | None = None) -> Path:
     """Write eval/: metrics.json, confusion_matrix.{json,png}, mistakes/ + mistakes.json, plots."""
     eval_dir = Path(eval_dir)
+    # An evaluation written again (python -m classifier.evaluate --write) must not leave the
+    # earlier one's mistakes behind beside the new ones.
+    shutil.rmtree(eval_dir / MISTAKES_DIR, ignore_errors=True)
     (eval_dir / MISTAKES_DIR).mkdir(parents=True, exist_ok=True)
     (eval_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (eval_dir / "confusion_matrix.json").write_text(json.dumps(
@@ -273,3 +277,16 @@ def plot_sample_grid(samples: list[dict], split: Split, channels: int, path: str
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m classifier.evaluate BUNDLE`: the command line lives in evaluate_cli."""
+    from classifier.evaluate_cli import main as cli_main
+
+    return cli_main(argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -35,7 +35,7 @@ from classifier.images import ImageError
 from classifier.lr_finder import LRFinderError, LRFinderResult, lr_range_test, plot_lr_finder
 from classifier.model_card import write_model_card
 from classifier.models import ModelError, count_parameters, create_model, is_project_model, zero_head
-from classifier.predict import TTA
+from classifier.tta import TTA, tta_mode
 from classifier.train import TrainConfig, TrainingDiverged, autocast_dtype, fit, pick_device
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class RunConfig:
     # outputs
     out: str = "runs/latest"
     resume: bool = False
-    tta: bool = False
+    tta: str = "none"  # test-time augmentation in the evaluation (classifier.tta), recorded in the bundle
     mistakes: int = 200
     sync_batchnorm: bool = False
     recipe: str = "none"  # the recipe that filled the options a user left out (see apply_recipe)
@@ -267,7 +267,7 @@ def start_from_bundle(source: Bundle, architecture: str, classes: list[str], siz
 # on a CPU a larger batch is no faster per image.
 RECIPES = {
     "fast": {"epochs": 10, "batch_size": 512, "optimizer": "sgd", "momentum": 0.85, "nesterov": True,
-             "weight_decay": 1.33e-3, "schedule": "onecycle", "label_smoothing": 0.2, "tta": True},
+             "weight_decay": 1.33e-3, "schedule": "onecycle", "label_smoothing": 0.2, "tta": "flip-shift"},
 }
 FAST_LR_PER_EXAMPLE = 1.5 / 1024
 FAST_WARMUP_SHARE = 0.23
@@ -372,24 +372,17 @@ def run(cfg: RunConfig) -> RunResult:
     # Rank 0 wrote them and sends them: other machines need not see its disk.
     best = load_file(str(result.best_weights)) if distributed.is_main_process() else None
     model.load_state_dict(distributed.broadcast_state(best))
-    dtype = autocast_dtype(device, cfg.amp)
-    # With TTA, as Predictor(tta=True) predicts: mirror images and 1-pixel shifts.
-    evaluated = TTA(model) if cfg.tta else model
-    val_logits, val_targets, _ = predict_logits(evaluated, val_loader, device, dtype)
-    test_logits, test_targets, test_indices = predict_logits(evaluated, test_loader, device, dtype)
-    metrics = calibrated_metrics(test_logits, test_targets, val_logits, val_targets, data.classes)
-    metrics.update(split="test", best_epoch=result.best_epoch, epochs_trained=len(result.history),
-                   stopped_early=result.stopped_early, tta=cfg.tta,
-                   train_seconds=float(sum(r["seconds"] for r in result.history)))
+    evaluation = evaluate_model(model, val_loader, test_loader, data.classes, device,
+                                autocast_dtype(device, cfg.amp), cfg.tta)
+    metrics = evaluation.metrics
+    metrics.update(best_epoch=result.best_epoch, epochs_trained=len(result.history),
+                   stopped_early=result.stopped_early, train_seconds=float(sum(r["seconds"] for r in result.history)))
     bundle_dir = out / "bundle"
     if distributed.is_main_process():
-        temperature = metrics["calibration"]["temperature"]
         project = {
             "dataset": data.name, "classes_selected": cfg.classes, "num_train": len(data.train),
-            "num_val": len(data.val), "num_test": len(data.test), "temperature": temperature,
-            "metrics": {k: metrics[k] for k in ("accuracy", "loss", "macro_f1", "ece", "num_samples")}
-                       | {"ece_before_calibration": metrics["calibration"]["ece_before"], "split": "test"},
-            "parameters": parameters, "pretrained": pretrained, "tta": cfg.tta,
+            "num_val": len(data.val), "num_test": len(data.test), **evaluation.project_fields(),
+            "parameters": parameters, "pretrained": pretrained,
             "base_model": f"timm/{cfg.model}" if pretrained else None,
             "training": {k: v for k, v in asdict(cfg).items() if k != "command"},
             "command": cfg.command,
@@ -405,16 +398,57 @@ def run(cfg: RunConfig) -> RunResult:
                              std=dcfg["std"], interpolation=dcfg["interpolation"], crop_pct=dcfg["crop_pct"],
                              project=project)
         save_bundle(bundle_dir, model, config)
-        mistakes = rank_mistakes(test_logits, test_targets, test_indices, data.classes, temperature, cfg.mistakes)
-        samples = sample_predictions(test_logits, test_targets, test_indices, data.classes, temperature)
-        save_report(bundle_dir / EVAL_DIR, metrics, mistakes, data.test, data.classes, in_chans,
-                    history=result.history, samples=samples)
+        evaluation.save(bundle_dir / EVAL_DIR, data, in_chans, cfg.mistakes, history=result.history)
         if finder and (out / "lr_finder.png").exists():
             shutil.copyfile(out / "lr_finder.png", bundle_dir / EVAL_DIR / "lr_finder.png")
         (out / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
         write_model_card(bundle_dir)  # README.md, from the files just written; last, so it cannot cost them
     distributed.barrier()
     return RunResult(bundle_dir, metrics, result.history, parameters)
+
+
+@dataclass
+class Evaluation:
+    """A model's calibrated test metrics (temperature fitted on the validation split) and the test
+    logits the mistakes and samples of eval/ are drawn from."""
+    metrics: dict
+    test_logits: torch.Tensor
+    test_targets: torch.Tensor
+    test_indices: torch.Tensor
+
+    @property
+    def temperature(self) -> float:
+        return self.metrics["calibration"]["temperature"]
+
+    def project_fields(self) -> dict:
+        """What config.json's "classifier" section keeps of it: what the Predictor needs (temperature,
+        TTA) and a summary for readers of the config alone."""
+        m = self.metrics
+        return {"temperature": self.temperature, "tta": m["tta"],
+                "metrics": {k: m[k] for k in ("accuracy", "loss", "macro_f1", "ece", "num_samples")}
+                           | {"ece_before_calibration": m["calibration"]["ece_before"], "split": m["split"]}}
+
+    def save(self, eval_dir: Path, data: DataSplits, in_chans: int, mistakes: int,
+             history: list[dict] | None = None) -> None:
+        """eval/: metrics, confusion matrix, the `mistakes` most confident mistakes, samples, curves."""
+        classes = data.classes
+        ranked = rank_mistakes(self.test_logits, self.test_targets, self.test_indices, classes, self.temperature,
+                               mistakes)
+        samples = sample_predictions(self.test_logits, self.test_targets, self.test_indices, classes, self.temperature)
+        save_report(eval_dir, self.metrics, ranked, data.test, classes, in_chans, history=history, samples=samples)
+
+
+def evaluate_model(model: torch.nn.Module, val_loader, test_loader, classes: list[str], device: torch.device,
+                   dtype=None, tta: str = "none") -> Evaluation:
+    """Test metrics of `model` with the test-time augmentation `tta` (classifier.tta), the
+    temperature fitted on the validation logits of that same augmentation, as Predictor will apply
+    both."""
+    evaluated = TTA(model, tta)
+    val_logits, val_targets, _ = predict_logits(evaluated, val_loader, device, dtype)
+    test_logits, test_targets, test_indices = predict_logits(evaluated, test_loader, device, dtype)
+    metrics = calibrated_metrics(test_logits, test_targets, val_logits, val_targets, classes)
+    metrics.update(split="test", tta=tta_mode(tta))
+    return Evaluation(metrics, test_logits, test_targets, test_indices)
 
 
 def command_line() -> str:

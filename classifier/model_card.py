@@ -18,6 +18,7 @@ from typing import Any
 
 from classifier.bundle import CONFIG_FILE, EVAL_DIR, BundleError, lineage
 from classifier.models import is_project_model
+from classifier.tta import describe_tta, tta_mode
 
 CARD_FILE = "README.md"
 # The last line of every generated card. A card without it was edited by hand, and a push keeps
@@ -185,10 +186,9 @@ class _CardFacts:
         rows.append(("Images", f"{m['num_samples']:,}"))
         lines = [f"## Evaluation on the {m.get('split', 'test')} split", "",
                  "| metric | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
-        if m.get("tta"):
-            lines += ["", "Measured with test-time augmentation (the logits of each image and its mirror image, "
-                      "averaged with those of both shifted by one pixel), as `Predictor(tta=True)` and the app "
-                      "predict."]
+        if tta_mode(m.get("tta")) != "none":
+            lines += ["", f"Measured with test-time augmentation ({describe_tta(m['tta']).removeprefix('yes: ')}; "
+                      f"mode `{tta_mode(m['tta'])}`), as `Predictor` and the app predict with this bundle."]
         per_class = m.get("per_class") or []
         if per_class:
             lines += ["", "Per class:", "", "| class | precision | recall | F1 | images |", "|---|---|---|---|---|"]
@@ -288,6 +288,9 @@ class _CardFacts:
             lines += [f"The exact command{' of the last stage' if stages else ''}:", "", "```bash", command, "```"]
         else:
             lines += ["The command line of this run was not recorded."]
+        evaluated = self.project.get("evaluation_command")
+        if evaluated:  # evaluated again after training (e.g. with test-time augmentation)
+            lines += ["", "The evaluation above was made afterwards, with:", "", "```bash", evaluated, "```"]
         if self._has(f"{EVAL_DIR}/curves.png"):
             lines += ["", f"![Loss and accuracy per epoch]({EVAL_DIR}/curves.png)"]
         return "\n".join(lines)

@@ -12,14 +12,13 @@ from typing import Sequence
 
 import torch
 from PIL import Image
-from torch import nn
-from torch.nn import functional as F
 from torchvision import transforms as T
 
 from classifier.bundle import Bundle, load_bundle
 from classifier.data import INTERPOLATION
 from classifier.images import ImageSource, open_image
 from classifier.models import channels_last_pays
+from classifier.tta import tta_logits, tta_mode
 
 
 def eval_transform(bundle: Bundle) -> T.Compose:
@@ -40,34 +39,13 @@ def eval_transform(bundle: Bundle) -> T.Compose:
     return T.Compose(steps)
 
 
-def tta_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Test-time augmentation (airbench's): the logits of the batch and its mirror image, averaged
-    with those of both shifted by one pixel up-left and down-right (borders reflected). The
-    unshifted pair weighs half: it is what the model saw most in training."""
-    def with_mirror(v):
-        return (model(v) + model(v.flip(-1))) / 2
-
-    height, width = x.shape[-2:]
-    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-    shifted = (with_mirror(padded[..., :height, :width]) + with_mirror(padded[..., 2:, 2:])) / 2
-    return (with_mirror(x) + shifted) / 2
-
-
-class TTA(nn.Module):
-    """`model` with test-time augmentation (see tta_logits), as a module that evaluation code takes."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return tta_logits(self.model, x)
-
-
 class Predictor:
-    """Load once, predict many times. `tta`: test-time augmentation (mirror and 1-pixel shifts)."""
+    """Load once, predict many times. `tta`: the test-time augmentation (classifier.tta), by default
+    the one the bundle was evaluated with: its accuracy was measured and its temperature fitted on
+    those logits, so neither holds for predictions made another way."""
 
-    def __init__(self, bundle: Bundle | str | os.PathLike, device: str | torch.device = "cpu", tta: bool = False):
+    def __init__(self, bundle: Bundle | str | os.PathLike, device: str | torch.device = "cpu",
+                 tta: bool | str | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, device=device)
         self.device = torch.device(device)
         self.model = self.bundle.model.to(self.device).eval()
@@ -79,7 +57,7 @@ class Predictor:
         self.labels = self.bundle.label_names
         self.transform = eval_transform(self.bundle)
         self.temperature = self.bundle.temperature
-        self.tta = tta
+        self.tta = self.bundle.tta if tta is None else tta_mode(tta)
 
     def preprocess(self, image: ImageSource) -> torch.Tensor:
         """Open (safely: see classifier.images) and transform one image; raises ImageError."""
@@ -91,7 +69,7 @@ class Predictor:
         batch = batch.to(self.device)
         if self.channels_last and batch.ndim == 4:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        logits = tta_logits(self.model, batch) if self.tta else self.model(batch)
+        logits = tta_logits(self.model, batch, self.tta)
         return (logits.float() / self.temperature).softmax(-1).cpu()
 
     def predict_batch(self, images: Sequence[ImageSource], top_k: int | None = None) -> list[dict[str, float]]:

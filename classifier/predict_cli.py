@@ -27,6 +27,7 @@ import torch
 
 from classifier.data import IMAGE_EXTENSIONS, list_images
 from classifier.images import ImageError
+from classifier.tta import TTA_MODES
 from classifier.evaluate import save_figure  # noqa: E402
 
 PLOT_MAX_IMAGES = 12  # a figure with more rows than this is unreadable
@@ -168,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help=f"save the images beside bar charts (the first {PLOT_MAX_IMAGES})")
     p.add_argument("--submission", metavar="CSV", help="write id,label (the top class) for every image")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--tta", action="store_true", help="test-time augmentation: average with the mirror image and 1-pixel shifts")
+    p.add_argument("--tta", choices=list(TTA_MODES), default=None,
+                   help="test-time augmentation (default: the one the bundle was evaluated with, which its "
+                        "probabilities are calibrated for)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     return p
 

@@ -20,7 +20,6 @@ import pytest
 from PIL import Image
 
 from classifier import demo as logic
-from classifier.images import open_image
 from classifier.predict import Predictor
 from conftest import draw_shape
 
@@ -315,12 +314,12 @@ def test_model_store_loads_each_model_once(models_dir):
 def test_model_store_predicts_as_the_bundle_was_evaluated(tiny_bundle, tmp_path):
     augmented = shutil.copytree(tiny_bundle, tmp_path / "tta")
     config = json.loads((augmented / "config.json").read_text())
-    config["classifier"]["tta"] = True  # as training's --tta (the fast recipe) records it
+    config["classifier"]["tta"] = True  # as bundles written before there were TTA modes record it
     (augmented / "config.json").write_text(json.dumps(config))
     store = logic.ModelStore({"plain": str(tiny_bundle), "tta": str(augmented)})
-    assert store.get("tta").tta and not store.get("plain").tta
+    assert store.get("tta").tta == "flip-shift" and store.get("plain").tta == "none"
     image = np.asarray(draw_shape("square", 40))
-    assert_same(store.get("tta").predict(image), Predictor(augmented, tta=True).predict(image), tol=1e-6)
+    assert_same(store.get("tta").predict(image), Predictor(augmented, tta="flip-shift").predict(image), tol=1e-6)
     assert "Test-time augmentation | yes" in logic.model_summary(store.bundle("tta"), str(augmented))
 
 

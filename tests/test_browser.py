@@ -25,7 +25,7 @@ if CHROMIUM is None:
 
 import app as app_module  # noqa: E402
 from classifier.predict import Predictor  # noqa: E402
-from test_app import RENAMED, free_port, renamed_bundle  # noqa: E402
+from test_app import free_port, renamed_bundle  # noqa: E402
 
 # No network here: keep Chromium from trying to phone home, and let it run as root in a container.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

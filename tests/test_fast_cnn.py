@@ -8,7 +8,7 @@ from torch import nn
 
 from classifier.experiment import RunConfig, apply_recipe
 from classifier.models import create_model
-from classifier.predict import TTA, tta_logits
+from classifier.tta import TTA, TTA_MODES, tta_logits, tta_mode
 
 
 def net(**kwargs):
@@ -87,17 +87,30 @@ def test_tta_averages_mirror_and_shifted_views():
             return x[:, :, 0, :3].mean(1)
 
     x = torch.randn(4, 3, 8, 8)
-    assert tta_logits(Corner(), x).shape == (4, 3) and len(calls) == 6
+    assert tta_logits(Corner(), x, "flip-shift").shape == (4, 3) and len(calls) == 6
     assert not torch.allclose(tta_logits(Corner(), x), Corner()(x))
+    calls.clear()
+    mirrored = tta_logits(Corner(), x, "flip")
+    assert len(calls) == 2
+    torch.testing.assert_close(mirrored, (Corner()(x) + Corner()(x.flip(-1))) / 2)
+    torch.testing.assert_close(tta_logits(Corner(), x, "none"), Corner()(x))
     flat = torch.ones(4, 3, 8, 8) * torch.randn(4, 3, 1, 1)  # every view of a flat image is the same
-    torch.testing.assert_close(TTA(Corner())(flat), Corner()(flat))
+    for mode in TTA_MODES:
+        torch.testing.assert_close(TTA(Corner(), mode)(flat), Corner()(flat))
+
+
+def test_tta_modes_read_the_bools_older_bundles_recorded():
+    assert tta_mode(True) == "flip-shift" and tta_mode(False) == tta_mode(None) == "none"
+    assert tta_mode("flip") == "flip"
+    with pytest.raises(ValueError, match="expected one of none, flip, flip-shift"):
+        tta_mode("mirror")
 
 
 def test_the_fast_recipe_fills_only_what_the_user_left_out():
     values = apply_recipe({"model": "fast_cnn", "recipe": "auto", "epochs": 20, "batch_size": 128, "lr": None,
                            "label_smoothing": 0.0}, given={"epochs", "label_smoothing"})
     assert values["recipe"] == "fast" and values["epochs"] == 20 and values["label_smoothing"] == 0.0
-    assert values["batch_size"] == 512 and values["lr"] == pytest.approx(0.75) and values["tta"]
+    assert values["batch_size"] == 512 and values["lr"] == pytest.approx(0.75) and values["tta"] == "flip-shift"
     assert values["warmup_epochs"] == pytest.approx(4.6)  # 23% of the 20 epochs given
     smaller = apply_recipe({"model": "fast_cnn", "recipe": "fast", "batch_size": 256}, given={"batch_size"})
     assert smaller["lr"] == pytest.approx(0.375)  # the learning rate follows the batch size
@@ -121,8 +134,8 @@ def test_the_command_line_fills_fast_cnns_options_from_the_recipe():
     def config(*argv):
         return finetune.config_from_args(parser.parse_args(list(argv)), finetune.given_options(parser, list(argv)))
 
-    fast = config("--model", "fast_cnn", "--epochs=3", "--batch-size", "64", "--no-tta")
-    assert fast.recipe == "fast" and fast.epochs == 3 and fast.batch_size == 64 and not fast.tta
+    fast = config("--model", "fast_cnn", "--epochs=3", "--batch-size", "64", "--tta", "none")
+    assert fast.recipe == "fast" and fast.epochs == 3 and fast.batch_size == 64 and fast.tta == "none"
     assert fast.lr == pytest.approx(64 * 1.5 / 1024) and fast.label_smoothing == 0.2 and fast.momentum == 0.85
     plain = config("--model", "fast_cnn", "--recipe", "none")
     assert plain.recipe == "none" and plain.batch_size == RunConfig.batch_size and plain.lr is None

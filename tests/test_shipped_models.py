@@ -43,7 +43,7 @@ def test_config_reports_the_evaluation_it_ran(name):
 @pytest.mark.parametrize("name", sorted(BUNDLES))
 def test_names_every_example_photo(name):
     bundle = load_bundle(BUNDLES[name])
-    predictor = Predictor(bundle, tta=bool(bundle.project.get("tta", False)))
+    predictor = Predictor(bundle)
     assert EXAMPLES, f"no example photos in {EXAMPLES_DIR}"
     wrong = {}
     for photo in EXAMPLES:

@@ -35,6 +35,7 @@ from classifier.bundle import read_config  # noqa: E402
 # is a bug, and its traceback is worth seeing.
 from classifier.experiment import (RECIPES, USER_ERRORS, RunConfig, apply_recipe, command_line, run,  # noqa: E402
                                    summarize)
+from classifier.tta import TTA_MODES  # noqa: E402
 
 
 def lr_value(text: str) -> float | str:
@@ -122,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--out", default=d.out, help="run folder: checkpoints, metrics.jsonl, curves.png; the bundle in OUT/bundle")
     g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    g.add_argument("--tta", action=argparse.BooleanOptionalAction, default=d.tta,
-                   help="evaluate with test-time augmentation (mirror images and 1-pixel shifts)")
+    g.add_argument("--tta", choices=list(TTA_MODES), default=d.tta,
+                   help="evaluate with test-time augmentation, which the bundle records and the app then "
+                        "predicts with: flip (the mirror image, 2x the work), flip-shift (and 1-pixel shifts, 6x)")
     g.add_argument("--mistakes", type=int, default=d.mistakes, help="how many misclassified test images to keep in the bundle")
     g.add_argument("--push-to-hub", metavar="OWNER/NAME", type=repo_id_value, default=None,
                    help="after training, upload the bundle with its model card to this Hub model repository")

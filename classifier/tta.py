@@ -1,0 +1,67 @@
+"""Test-time augmentation: average a model's logits over views of each image.
+
+Modes, by cost (forward passes per image):
+- "none": the image alone (1).
+- "flip": the image and its mirror image (2), the usual choice for a pretrained backbone: the shipped
+  EfficientNet-Lite0 gains half a point of CIFAR-10 test accuracy (92.78% -> 93.27%) from it.
+- "flip-shift": airbench's: the mirror pair, averaged with the pair shifted one pixel up-left and
+  down-right (6); for small models on 32 px images, where one pixel is a real shift.
+
+A bundle records the mode it was evaluated with; bundles written before there were modes recorded a
+bool, and True meant "flip-shift".
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+TTA_MODES = {
+    "none": "no",
+    "flip": "yes: each image averaged with its mirror image",
+    "flip-shift": "yes: each image and its mirror image, averaged with both shifted by one pixel",
+}
+
+
+def tta_mode(value: bool | str | None) -> str:
+    """The mode a config value names: a mode, or the bool older bundles recorded."""
+    if value is None or value is False:
+        return "none"
+    if value is True:
+        return "flip-shift"
+    if value not in TTA_MODES:
+        raise ValueError(f"test-time augmentation {value!r}: expected one of {', '.join(TTA_MODES)}")
+    return value
+
+
+def describe_tta(value: bool | str | None) -> str:
+    return TTA_MODES[tta_mode(value)]
+
+
+def _with_mirror(model: nn.Module, x: Tensor) -> Tensor:
+    return (model(x) + model(x.flip(-1))) / 2
+
+
+def tta_logits(model: nn.Module, x: Tensor, mode: bool | str | None = "flip-shift") -> Tensor:
+    """The logits of `x` (a batch) averaged over the views `mode` names. In "flip-shift" the
+    unshifted pair weighs half: it is what the model saw most in training."""
+    mode = tta_mode(mode)
+    if mode == "none":
+        return model(x)
+    if mode == "flip":
+        return _with_mirror(model, x)
+    height, width = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = (_with_mirror(model, padded[..., :height, :width]) + _with_mirror(model, padded[..., 2:, 2:])) / 2
+    return (_with_mirror(model, x) + shifted) / 2
+
+
+class TTA(nn.Module):
+    """`model` with test-time augmentation, as a module that evaluation code takes."""
+
+    def __init__(self, model: nn.Module, mode: bool | str | None = "flip-shift"):
+        super().__init__()
+        self.model, self.mode = model, tta_mode(mode)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return tta_logits(self.model, x, self.mode)
