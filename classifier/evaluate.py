@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import matplotlib
@@ -23,7 +24,8 @@ from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
 from classifier import distributed  # noqa: E402
-from classifier.data import Split, load_pil  # noqa: E402
+from classifier.data import DataSplits, Split, load_pil  # noqa: E402
+from classifier.tta import TTA, tta_mode  # noqa: E402
 
 MISTAKES_DIR = "mistakes"
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.1, 10.0
@@ -159,6 +161,50 @@ def rank_mistakes(logits: torch.Tensor, targets: torch.Tensor, indices: torch.Te
             "top": {classes[int(c)]: float(p) for p, c in zip(top.values, top.indices)},
         })
     return mistakes
+
+
+@dataclass
+class Evaluation:
+    """A model's calibrated test metrics (temperature fitted on the validation split) and the test
+    logits the mistakes and samples of eval/ are drawn from."""
+    metrics: dict
+    test_logits: torch.Tensor
+    test_targets: torch.Tensor
+    test_indices: torch.Tensor
+
+    @property
+    def temperature(self) -> float:
+        return self.metrics["calibration"]["temperature"]
+
+    def project_fields(self) -> dict:
+        """What config.json's "classifier" section keeps of it: what the Predictor needs (temperature,
+        TTA) and a summary for readers of the config alone."""
+        m = self.metrics
+        return {"temperature": self.temperature, "tta": m["tta"],
+                "metrics": {k: m[k] for k in ("accuracy", "loss", "macro_f1", "ece", "num_samples")}
+                           | {"ece_before_calibration": m["calibration"]["ece_before"], "split": m["split"]}}
+
+    def save(self, eval_dir: str | os.PathLike, data: DataSplits, in_chans: int, mistakes: int,
+             history: list[dict] | None = None) -> None:
+        """eval/: metrics, confusion matrix, the `mistakes` most confident mistakes, samples, curves."""
+        classes = data.classes
+        ranked = rank_mistakes(self.test_logits, self.test_targets, self.test_indices, classes, self.temperature,
+                               mistakes)
+        samples = sample_predictions(self.test_logits, self.test_targets, self.test_indices, classes, self.temperature)
+        save_report(eval_dir, self.metrics, ranked, data.test, classes, in_chans, history=history, samples=samples)
+
+
+def evaluate_model(model: torch.nn.Module, val_loader, test_loader, classes: list[str], device: torch.device,
+                   dtype=None, tta: str = "none") -> Evaluation:
+    """Test metrics of `model` with the test-time augmentation `tta` (classifier.tta), the
+    temperature fitted on the validation logits of that same augmentation, as Predictor will apply
+    both."""
+    evaluated = TTA(model, tta)
+    val_logits, val_targets, _ = predict_logits(evaluated, val_loader, device, dtype)
+    test_logits, test_targets, test_indices = predict_logits(evaluated, test_loader, device, dtype)
+    metrics = calibrated_metrics(test_logits, test_targets, val_logits, val_targets, classes)
+    metrics.update(split="test", tta=tta_mode(tta))
+    return Evaluation(metrics, test_logits, test_targets, test_indices)
 
 
 def _thumbnail(image: Image.Image, max_side: int = 160) -> Image.Image:

@@ -2,11 +2,11 @@
 
 Like timm's validate.py, for this project's bundles: the test split of the data the bundle was
 trained on (or of --data), through the same loaders and preprocessing as training's own
-evaluation, with the temperature fitted again on the validation split. It prints the figures beside the ones the bundle
-records; with the same settings they match (a check that the bundle reproduces), and with another
---tta they say what test-time augmentation buys. --write makes the new evaluation the bundle's own
-(eval/, config.json's metrics, temperature and TTA, the model card), so the app and Predictor
-predict as it was measured, without retraining.
+evaluation, with the temperature fitted again on the validation split. It prints the figures
+beside the ones the bundle records: with the same settings they match (a check that the bundle
+reproduces), and with another --tta they say what test-time augmentation buys. --write makes the
+new evaluation the bundle's own (eval/, config.json's metrics, temperature and TTA, the model
+card), so the app and Predictor predict as it was measured, without retraining.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_config(bundle, location: str, args: argparse.Namespace):
     """The RunConfig that prepares the bundle's data as its training run did, the model from the bundle."""
+    from classifier.bundle import BundleError
     from classifier.experiment import RunConfig
 
     recorded = bundle.project.get("training", {})
@@ -53,8 +54,9 @@ def run_config(bundle, location: str, args: argparse.Namespace):
     if args.data:  # other data: its own splits, not the recorded subset of classes
         values = {"data": args.data, "data_dir": args.data_dir, "image_dir": args.image_dir}
     if "data" not in values:
-        raise ValueError(f"{location} does not record the data it was trained on: name it with --data")
-    return RunConfig(**values, model=bundle.architecture, init_from=location,
+        raise BundleError(f"{location} does not record the data it was trained on: name it with --data")
+    # init_from: the folder load_bundle already resolved, so a Hub id is not looked up twice.
+    return RunConfig(**values, model=bundle.architecture, init_from=str(bundle.path),
                      image_size=int(bundle.pretrained_cfg["input_size"][-1]), batch_size=args.batch_size,
                      loader=args.loader, workers=args.workers, device=args.device)
 
@@ -98,8 +100,8 @@ def write_evaluation(bundle, evaluation, data, mistakes: int, command: str) -> N
 
 def main(argv: list[str] | None = None) -> int:
     from classifier.bundle import BundleError, load_bundle
-    from classifier.evaluate import MISTAKES_DIR
-    from classifier.experiment import USER_ERRORS, evaluate_model, load_run_data, prepare
+    from classifier.evaluate import MISTAKES_DIR, evaluate_model
+    from classifier.experiment import USER_ERRORS, load_run_data, prepare
     from classifier.train import autocast_dtype, pick_device
 
     argv = sys.argv[1:] if argv is None else argv
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         if data.classes != bundle.label_names:
             raise BundleError(f"the data's classes {data.classes} are not the bundle's {bundle.label_names}")
         setup = prepare(cfg, device, data=data)
-    except (*USER_ERRORS, ValueError) as exc:
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     tta = bundle.tta if args.tta is None else args.tta

@@ -27,15 +27,13 @@ from classifier import distributed
 from classifier.bundle import EVAL_DIR, Bundle, BundleError, load_bundle, make_config, save_bundle, stage_record
 from classifier.data import (DataError, DataSplits, ImageDataset, build_transform, channel_stats, collate_skipping_broken,
                              load_data, materialize_small)
-from classifier.evaluate import (calibrated_metrics, predict_logits, rank_mistakes, sample_predictions,
-                                 save_report)
+from classifier.evaluate import evaluate_model
 from classifier.fastdata import memory_loaders, use_memory_loader
 from classifier.hub import HubError
 from classifier.images import ImageError
 from classifier.lr_finder import LRFinderError, LRFinderResult, lr_range_test, plot_lr_finder
 from classifier.model_card import write_model_card
 from classifier.models import ModelError, count_parameters, create_model, is_project_model, zero_head
-from classifier.tta import TTA, tta_mode
 from classifier.train import TrainConfig, TrainingDiverged, autocast_dtype, fit, pick_device
 
 log = logging.getLogger(__name__)
@@ -405,50 +403,6 @@ def run(cfg: RunConfig) -> RunResult:
         write_model_card(bundle_dir)  # README.md, from the files just written; last, so it cannot cost them
     distributed.barrier()
     return RunResult(bundle_dir, metrics, result.history, parameters)
-
-
-@dataclass
-class Evaluation:
-    """A model's calibrated test metrics (temperature fitted on the validation split) and the test
-    logits the mistakes and samples of eval/ are drawn from."""
-    metrics: dict
-    test_logits: torch.Tensor
-    test_targets: torch.Tensor
-    test_indices: torch.Tensor
-
-    @property
-    def temperature(self) -> float:
-        return self.metrics["calibration"]["temperature"]
-
-    def project_fields(self) -> dict:
-        """What config.json's "classifier" section keeps of it: what the Predictor needs (temperature,
-        TTA) and a summary for readers of the config alone."""
-        m = self.metrics
-        return {"temperature": self.temperature, "tta": m["tta"],
-                "metrics": {k: m[k] for k in ("accuracy", "loss", "macro_f1", "ece", "num_samples")}
-                           | {"ece_before_calibration": m["calibration"]["ece_before"], "split": m["split"]}}
-
-    def save(self, eval_dir: Path, data: DataSplits, in_chans: int, mistakes: int,
-             history: list[dict] | None = None) -> None:
-        """eval/: metrics, confusion matrix, the `mistakes` most confident mistakes, samples, curves."""
-        classes = data.classes
-        ranked = rank_mistakes(self.test_logits, self.test_targets, self.test_indices, classes, self.temperature,
-                               mistakes)
-        samples = sample_predictions(self.test_logits, self.test_targets, self.test_indices, classes, self.temperature)
-        save_report(eval_dir, self.metrics, ranked, data.test, classes, in_chans, history=history, samples=samples)
-
-
-def evaluate_model(model: torch.nn.Module, val_loader, test_loader, classes: list[str], device: torch.device,
-                   dtype=None, tta: str = "none") -> Evaluation:
-    """Test metrics of `model` with the test-time augmentation `tta` (classifier.tta), the
-    temperature fitted on the validation logits of that same augmentation, as Predictor will apply
-    both."""
-    evaluated = TTA(model, tta)
-    val_logits, val_targets, _ = predict_logits(evaluated, val_loader, device, dtype)
-    test_logits, test_targets, test_indices = predict_logits(evaluated, test_loader, device, dtype)
-    metrics = calibrated_metrics(test_logits, test_targets, val_logits, val_targets, classes)
-    metrics.update(split="test", tta=tta_mode(tta))
-    return Evaluation(metrics, test_logits, test_targets, test_indices)
 
 
 def command_line() -> str:

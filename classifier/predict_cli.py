@@ -27,8 +27,8 @@ import torch
 
 from classifier.data import IMAGE_EXTENSIONS, list_images
 from classifier.images import ImageError
-from classifier.tta import TTA_MODES
 from classifier.evaluate import save_figure  # noqa: E402
+from classifier.tta import TTA_MODES
 
 PLOT_MAX_IMAGES = 12  # a figure with more rows than this is unreadable
 
