@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--mistakes", type=int, default=None,
-                   help="with --write: misclassified test images to keep (default: as many as it kept)")
+                   help="with --write: misclassified test images to keep (default: as many as its training kept)")
     p.add_argument("--write", action="store_true",
                    help="make this evaluation the bundle's own (a local folder only): eval/, config.json, README.md")
     return p
@@ -101,7 +101,7 @@ def write_evaluation(bundle, evaluation, data, mistakes: int, command: str) -> N
 def main(argv: list[str] | None = None) -> int:
     from classifier.bundle import BundleError, load_bundle
     from classifier.evaluate import MISTAKES_DIR, evaluate_model
-    from classifier.experiment import USER_ERRORS, load_run_data, prepare
+    from classifier.experiment import USER_ERRORS, RunConfig, load_run_data, prepare
     from classifier.train import autocast_dtype, pick_device
 
     argv = sys.argv[1:] if argv is None else argv
@@ -129,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{seconds:.0f} s\n")
     print(comparison_table(bundle.metrics(), evaluation.metrics))
     if args.write:
-        previous = bundle.eval_path("mistakes.json")
-        kept = len(json.loads(previous.read_text())) if previous.exists() else 200
+        kept = bundle.project.get("training", {}).get("mistakes", RunConfig.mistakes)  # as training kept
         write_evaluation(bundle, evaluation, data, args.mistakes if args.mistakes is not None else kept,
                          "python -m classifier.evaluate " + shlex.join(argv))
         print(f"\nwrote {bundle.path}/eval, config.json and README.md (mistakes in eval/{MISTAKES_DIR}/)")
