@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from classifier.tta import TTA_MODES
+from classifier.tta import TTA_MODES, tta_mode
 
 # The data fields of a run's config that decide which images end up in the test split.
 _DATA_FIELDS = ("data", "data_dir", "image_dir", "classes", "val_fraction", "test_fraction", "seed")
@@ -63,22 +63,23 @@ def run_config(bundle, location: str, args: argparse.Namespace):
 
 def comparison_table(recorded: dict, measured: dict) -> str:
     """Markdown: each figure as the bundle records it and as measured now."""
-    def row(name, key, fmt):
-        get = (lambda m: m.get("calibration", {}).get(key[1])) if isinstance(key, tuple) else (lambda m: m.get(key))
-        cells = [fmt(v) if v is not None else "" for v in (get(recorded), get(measured))]
-        return f"| {name} | {cells[0]} | {cells[1]} |"
+    def calibration(key):
+        return lambda m: m.get("calibration", {}).get(key)
 
-    percent = "{:.2%}".format
-    return "\n".join([
-        "| | recorded in the bundle | measured now |", "|---|---|---|",
-        row("test-time augmentation", "tta", str),
-        row("accuracy", "accuracy", percent), row("macro F1", "macro_f1", "{:.4f}".format),
-        row("cross-entropy (calibrated)", "loss", "{:.4f}".format),
-        row("ECE before calibration", ("calibration", "ece_before"), percent),
-        row("ECE after calibration", "ece", percent),
-        row("temperature", ("calibration", "temperature"), "{:.3f}".format),
-        row("test images", "num_samples", "{:,}".format),
-    ])
+    def field(key):
+        return lambda m: m.get(key)
+
+    percent, decimals = "{:.2%}".format, "{:.4f}".format
+    rows = [("test-time augmentation", lambda m: tta_mode(m.get("tta")), str),  # older bundles: a bool
+            ("accuracy", field("accuracy"), percent), ("macro F1", field("macro_f1"), decimals),
+            ("cross-entropy (calibrated)", field("loss"), decimals),
+            ("ECE before calibration", calibration("ece_before"), percent), ("ECE after calibration", field("ece"), percent),
+            ("temperature", calibration("temperature"), "{:.3f}".format), ("test images", field("num_samples"), "{:,}".format)]
+    lines = ["| | recorded in the bundle | measured now |", "|---|---|---|"]
+    for name, get, fmt in rows:
+        cells = [fmt(v) if v is not None else "" for v in (get(recorded), get(measured))]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
 
 
 def write_evaluation(bundle, evaluation, data, mistakes: int, command: str) -> None:

@@ -304,6 +304,22 @@ class _CardFacts:
         note = (f"`{self.architecture}` is one of this project's own CNNs: `import classifier` first, so that timm "
                 "knows the architecture." if ours else
                 f"`{self.architecture}` is a timm architecture, so nothing from this project is needed.")
+        # What Predictor does beyond timm's transform, spelled out for plain timm users: photos are
+        # first shrunk to the small source images the model learned from, and the logits averaged
+        # over the test-time augmentation the temperature was fitted for.
+        source = self.project.get("source_image_size")
+        shrink = (f"photo = ImageOps.fit(photo, ({source[1]}, {source[0]}), Image.BICUBIC)  # as small as the "
+                  "training images\n") if source else ""
+        tta = tta_mode(self.project.get("tta"))
+        logits = {
+            "none": "    logits = model(image)\n",
+            "flip": "    logits = (model(image) + model(image.flip(-1))) / 2  # mirror TTA, as it was measured\n",
+            "flip-shift": ("    # TTA as it was measured: mirror images, and both shifted by one pixel\n"
+                           "    mirrored = lambda x: (model(x) + model(x.flip(-1))) / 2\n"
+                           '    padded = torch.nn.functional.pad(image, (1, 1, 1, 1), mode="reflect")\n'
+                           "    shifted = (mirrored(padded[..., :-2, :-2]) + mirrored(padded[..., 2:, 2:])) / 2\n"
+                           "    logits = (mirrored(image) + shifted) / 2\n"),
+        }[tta]
         return (
             "## How to use\n\n"
             "With this project (preprocessing, labels and calibration come from the bundle):\n\n"
@@ -318,12 +334,15 @@ class _CardFacts:
             "import timm\n"
             "import torch\n"
             f"{register}"
-            "from PIL import Image\n\n"
+            f"from PIL import Image{', ImageOps' if source else ''}\n\n"
             f'model = timm.create_model("hf-hub:{self.repo_id}", pretrained=True).eval()\n'
             "transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))\n"
-            f'image = transform(Image.open("photo.jpg").convert("{mode}")).unsqueeze(0)\n'
+            f'photo = Image.open("photo.jpg").convert("{mode}")\n'
+            f"{shrink}"
+            "image = transform(photo).unsqueeze(0)\n"
             "with torch.no_grad():\n"
-            f"    probabilities = (model(image) / {t:.6g}).softmax(-1)[0]  # / T: calibrated\n"
+            f"{logits}"
+            f"    probabilities = (logits / {t:.6g}).softmax(-1)[0]  # / T: calibrated\n"
             'labels = model.pretrained_cfg["label_names"]\n'
             "print(labels[int(probabilities.argmax())])\n"
             "```"

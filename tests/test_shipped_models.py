@@ -10,7 +10,9 @@ import pytest
 
 from classifier.bundle import load_bundle
 from classifier.demo import EXAMPLES_DIR, MODELS_DIR, PREFERRED_MODELS, default_model, example_images, find_bundles
+from classifier.model_card import render_model_card
 from classifier.predict import Predictor
+from classifier.tta import tta_mode
 
 BUNDLES = find_bundles(MODELS_DIR)
 MAX_SHIPPED_WEIGHTS = 25_000_000  # bytes: the app issue's limit for all shipped weights together
@@ -36,6 +38,7 @@ def test_config_reports_the_evaluation_it_ran(name):
     measured = json.loads((folder / "eval" / "metrics.json").read_text())
     assert config["metrics"]["accuracy"] == measured["accuracy"]
     assert config["temperature"] == measured["calibration"]["temperature"]
+    assert tta_mode(config.get("tta")) == tta_mode(measured.get("tta"))  # the Predictor predicts as measured
     assert config["num_test"] == measured["num_samples"] == sum(map(sum, measured["confusion_matrix"]))
     assert config["command"].startswith("python training/finetune.py")
 
@@ -52,3 +55,22 @@ def test_names_every_example_photo(name):
         if top != photo.stem:
             wrong[photo.name] = top
     assert not wrong, f"{name} misnames {wrong}"
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLES))
+def test_the_cards_plain_timm_snippet_predicts_as_the_predictor(name):
+    """The model card's "With plain timm" code, run as written (the Hub id swapped for the folder),
+    gives the Predictor's probabilities: same shrinking of photos, TTA and temperature."""
+    import torch
+
+    folder = Path(BUNDLES[name])
+    card = render_model_card(folder)
+    code = card[card.index("With plain timm"):].split("```python\n", 1)[1].split("```", 1)[0]
+    photo = EXAMPLES[0]
+    code = code.replace("hf-hub:OWNER/NAME", f"local-dir:{folder}").replace("photo.jpg", str(photo))
+    namespace: dict = {}
+    exec(compile(code, f"{name}/README.md", "exec"), namespace)  # noqa: S102  (our own generated card)
+    expected = Predictor(load_bundle(folder)).predict(photo)
+    got = namespace["probabilities"]
+    labels = namespace["labels"]
+    torch.testing.assert_close(got, torch.tensor([expected[label] for label in labels]), atol=1e-4, rtol=0)
