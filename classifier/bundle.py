@@ -94,7 +94,7 @@ def stage_record(source: Bundle, location: str | os.PathLike) -> dict:
     record = {"bundle": str(location), "input_size": list(source.pretrained_cfg["input_size"]),
               "command": project.get("command"), "accuracy": metrics.get("accuracy"),
               "train_seconds": metrics.get("train_seconds")}
-    if Path(location).expanduser().resolve() != source.path.expanduser().resolve():
+    if is_hub_id(location):
         record["revision"] = source.path.name
     if project.get("started_from"):
         record["started_from"] = project["started_from"]
@@ -179,11 +179,17 @@ def _read_config(path: Path) -> dict:
     return config
 
 
+def is_hub_id(location: str | os.PathLike) -> bool:
+    """'hf-hub:owner/name', or 'owner/name' where no such local folder exists."""
+    text = str(location)
+    return text.startswith("hf-hub:") or (not Path(text).expanduser().exists() and text.count("/") == 1
+                                          and not text.startswith((".", "/", "~")))
+
+
 def resolve_location(location: str | os.PathLike, revision: str | None = None) -> Path:
     """A local bundle folder as is; 'hf-hub:owner/name' or 'owner/name' downloaded from the Hub."""
     text = str(location)
-    if text.startswith("hf-hub:") or (not Path(text).expanduser().exists() and text.count("/") == 1
-                                      and not text.startswith((".", "/", "~"))):
+    if is_hub_id(text):
         from classifier import hub
 
         return hub.download_bundle(text.removeprefix("hf-hub:"), revision=revision)

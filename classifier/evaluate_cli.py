@@ -16,7 +16,6 @@ import json
 import shlex
 import sys
 import time
-from pathlib import Path
 
 from classifier.tta import TTA_MODES, tta_mode
 
@@ -100,7 +99,7 @@ def write_evaluation(bundle, evaluation, data, mistakes: int, command: str) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
-    from classifier.bundle import BundleError, load_bundle
+    from classifier.bundle import BundleError, is_hub_id, load_bundle
     from classifier.evaluate import MISTAKES_DIR, evaluate_model
     from classifier.experiment import USER_ERRORS, RunConfig, load_run_data, prepare
     from classifier.train import autocast_dtype, pick_device
@@ -108,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
-        bundle = load_bundle(args.bundle)
-        if args.write and Path(args.bundle).expanduser().resolve() != bundle.path.resolve():
-            raise BundleError(f"--write rewrites a local bundle folder; {args.bundle} came from the Hub "
+        if args.write and is_hub_id(args.bundle):
+            raise BundleError(f"--write rewrites a local bundle folder; {args.bundle} is on the Hub "
                               f"(download it, evaluate the copy, and push that)")
+        bundle = load_bundle(args.bundle)
         cfg = run_config(bundle, args.bundle, args)
         device = pick_device(cfg.device)
         data = load_run_data(cfg)

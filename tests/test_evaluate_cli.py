@@ -73,3 +73,8 @@ def test_unknown_choices_are_refused_by_argparse(tiny_bundle, flag):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tiny_bundle), *flag.split()])
     assert exit_info.value.code == 2
+
+
+def test_write_refuses_a_hub_bundle_before_downloading_it(capsys):
+    assert main(["owner/name", "--write"]) == 2
+    assert "is on the Hub" in capsys.readouterr().err
