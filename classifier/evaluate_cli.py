@@ -54,7 +54,6 @@ def run_config(bundle, location: str, args: argparse.Namespace):
         values = {"data": args.data, "data_dir": args.data_dir, "image_dir": args.image_dir}
     if "data" not in values:
         raise BundleError(f"{location} does not record the data it was trained on: name it with --data")
-    # init_from: the folder load_bundle already resolved, so a Hub id is not looked up twice.
     return RunConfig(**values, model=bundle.architecture, init_from=str(bundle.path),
                      image_size=int(bundle.pretrained_cfg["input_size"][-1]), batch_size=args.batch_size,
                      loader=args.loader, workers=args.workers, device=args.device)
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         data = load_run_data(cfg)
         if data.classes != bundle.label_names:
             raise BundleError(f"the data's classes {data.classes} are not the bundle's {bundle.label_names}")
-        setup = prepare(cfg, device, data=data)
+        setup = prepare(cfg, device, data=data, source=bundle)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

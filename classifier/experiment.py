@@ -183,11 +183,14 @@ class Prepared:
     started_from: dict | None = None  # with --init-from: that bundle's record (bundle.stage_record)
 
 
-def prepare(cfg: RunConfig, device: torch.device, data: DataSplits | None = None) -> Prepared:
-    """Data, model and loaders for `cfg`. Pass `data` to reuse splits already loaded (a search)."""
+def prepare(cfg: RunConfig, device: torch.device, data: DataSplits | None = None,
+            source: Bundle | None = None) -> Prepared:
+    """Data, model and loaders for `cfg`. Pass `data` to reuse splits already loaded (a search), and
+    `source` for the bundle of cfg.init_from when the caller has loaded it already."""
     pretrained = cfg.resolved_pretrained()
     data = data if data is not None else load_run_data(cfg)
-    source = load_bundle(cfg.init_from) if cfg.init_from else None
+    if source is None and cfg.init_from:
+        source = load_bundle(cfg.init_from)
     dcfg = _data_config(cfg, data, pretrained, source)
     size = dcfg["image_size"]
     if source is not None:
