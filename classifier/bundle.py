@@ -153,8 +153,13 @@ def save_bundle(path: str | os.PathLike, model: nn.Module, config: dict) -> Path
     tmp = path / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path / WEIGHTS_FILE)
-    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    write_config(path, config)
     return path
+
+
+def write_config(path: str | os.PathLike, config: dict) -> None:
+    """config.json alone: save_bundle's, and an evaluation's that leaves the weights as they are."""
+    (Path(path) / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
 
 def _read_config(path: Path) -> dict:

@@ -12,7 +12,6 @@ card), so the app and Predictor predict as it was measured, without retraining.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -83,7 +82,7 @@ def comparison_table(recorded: dict, measured: dict) -> str:
 def write_evaluation(bundle, evaluation, data, mistakes: int, command: str) -> None:
     """The bundle's eval/, config.json and model card from `evaluation`; its weights are untouched
     and its training figures (epochs, time) carried over."""
-    from classifier.bundle import CONFIG_FILE, EVAL_DIR
+    from classifier.bundle import EVAL_DIR, write_config
     from classifier.model_card import write_model_card
 
     previous = bundle.eval_metrics() or {}
@@ -93,7 +92,7 @@ def write_evaluation(bundle, evaluation, data, mistakes: int, command: str) -> N
     evaluation.save(bundle.path / EVAL_DIR, data, bundle.in_chans, mistakes)
     config = dict(bundle.config)
     config["classifier"] = bundle.project | evaluation.project_fields() | {"evaluation_command": command}
-    (bundle.path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    write_config(bundle.path, config)
     write_model_card(bundle.path)
 
 
