@@ -22,6 +22,7 @@ from classifier.bundle import CONFIG_FILE, Bundle, BundleError, lineage, load_bu
 from classifier.data import IMAGE_EXTENSIONS
 from classifier.hub import HubError
 from classifier.images import ImageError, ImageSource
+from classifier.model_card import describe_ingredient
 from classifier.predict import Predictor
 from classifier.tta import describe_tta
 
@@ -311,7 +312,12 @@ def model_summary(bundle: Bundle, location: str) -> str:
         *((f"Training stage {number}", f"`{stage.get('command') or 'not recorded'}` "
            f"({_percent(stage.get('accuracy'))} test accuracy)")
           for number, stage in enumerate(lineage(project), start=1)),
-        ("Training command", f"`{project['command']}`" if project.get("command") else "not recorded"),
+        *((f"Averaged model {number}", f"{describe_ingredient(ingredient)}: "
+           f"`{ingredient.get('command') or 'not recorded'}`"
+           + (f", after {len(lineage(ingredient))} earlier stage(s) (see its model card)" if ingredient.get("started_from") else ""))
+          for number, ingredient in enumerate(project.get("soup", {}).get("ingredients", []), start=1)),
+        ("Averaging command" if project.get("soup") else "Training command",
+         f"`{project['command']}`" if project.get("command") else "not recorded"),
         *((("Evaluation command", f"`{project['evaluation_command']}`"),) if project.get("evaluation_command") else ()),
         ("Library versions", ", ".join(f"{k} {v}" for k, v in project.get("versions", {}).items()) or "not recorded"),
     ]

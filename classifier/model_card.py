@@ -85,6 +85,33 @@ def dataset_info(config: dict) -> tuple[str | None, str]:
     return hub_id, pretty
 
 
+def _stage_lines(stages: list[dict]) -> list[str]:
+    """Markdown for the training stages (bundle.lineage) a bundle or an ingredient went through."""
+    lines = []
+    for number, stage in enumerate(stages, start=1):
+        size = "x".join(map(str, stage.get("input_size", [])[1:]))
+        accuracy = f", test accuracy {stage['accuracy']:.2%}" if stage.get("accuracy") is not None else ""
+        revision = f" at revision `{stage['revision']}`" if stage.get("revision") else ""
+        lines += [f"Stage {number} ({size} px input{accuracy}; its bundle was `{stage['bundle']}`{revision}, "
+                  f"which the next stage's `--init-from` names):", "",
+                  "```bash", stage.get("command") or "# command not recorded", "```", ""]
+    return lines
+
+
+def describe_ingredient(ingredient: dict) -> str:
+    """`runs/x/last.pt` (epoch 5, validation accuracy 93.90%), or a bundle with its test accuracy."""
+    facts = []
+    if ingredient.get("epoch"):
+        facts.append(f"the weights of epoch {ingredient['epoch']}")
+    if ingredient.get("val_accuracy") is not None:
+        facts.append(f"validation accuracy {ingredient['val_accuracy']:.2%}")
+    if ingredient.get("accuracy") is not None:
+        facts.append(f"test accuracy {ingredient['accuracy']:.2%}")
+    if ingredient.get("train_seconds"):
+        facts.append(f"{ingredient['train_seconds']:.0f} s of training")
+    return f"`{ingredient['bundle']}`" + (f" ({', '.join(facts)})" if facts else "")
+
+
 class _CardFacts:
     """What a card says, gathered from one bundle folder."""
 
@@ -250,10 +277,13 @@ class _CardFacts:
         rows.append(("Input", f"{'x'.join(map(str, cfg.get('input_size', [])))} (channels x height x width), "
                               f"{cfg.get('interpolation', '?')} resize, crop_pct {cfg.get('crop_pct', '?')}"))
         stages = lineage(self.project)
+        soup = self.project.get("soup", {}).get("ingredients", [])
         start = (f"[{self.base_model}](https://huggingface.co/{self.base_model})" if self.base_model
                  else "random initialisation")
         if stages:
             start = f"{start}, then {len(stages)} earlier training stage(s), listed below"
+        if soup:
+            start = f"{start}, then {len(soup)} models trained from it, whose weights this model averages (below)"
         rows.append(("Start", start))
         rows.append(("Data", self.dataset_name))
         if "num_train" in self.project:
@@ -263,10 +293,11 @@ class _CardFacts:
             note = ", stopped early" if self.metrics.get("stopped_early") else ""
             rows.append(("Epochs", f"{self.metrics['epochs_trained']} (weights of epoch {self.metrics['best_epoch']}, "
                                    f"the lowest validation loss{note})"))
-        if training:
-            rows.append(("Optimiser", ", ".join(f"{k} {training[k]}" for k in
-                                                ("optimizer", "lr", "batch_size", "schedule", "weight_decay",
-                                                 "label_smoothing") if training.get(k) is not None)))
+        optimiser = ", ".join(f"{k} {training[k]}" for k in ("optimizer", "lr", "batch_size", "schedule",
+                                                             "weight_decay", "label_smoothing")
+                              if training.get(k) is not None)
+        if optimiser:  # a soup's are its ingredients', listed with them
+            rows.append(("Optimiser", optimiser))
         if self.metrics and self.metrics.get("train_seconds"):
             seconds = self.metrics["train_seconds"]
             earlier = [stage.get("train_seconds") for stage in stages]
@@ -276,16 +307,16 @@ class _CardFacts:
             else:
                 rows.append(("Training time", f"{seconds:.0f} s"))
         lines = ["## Training", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
-        for number, stage in enumerate(stages, start=1):
-            size = "x".join(map(str, stage.get("input_size", [])[1:]))
-            accuracy = f", test accuracy {stage['accuracy']:.2%}" if stage.get("accuracy") is not None else ""
-            revision = f" at revision `{stage['revision']}`" if stage.get("revision") else ""
-            lines += [f"Stage {number} ({size} px input{accuracy}; its bundle was `{stage['bundle']}`{revision}, "
-                      f"which the next stage's `--init-from` names):", "",
-                      "```bash", stage.get("command") or "# command not recorded", "```", ""]
+        lines += _stage_lines(stages)
+        for number, ingredient in enumerate(soup, start=1):
+            lines += [f"### Ingredient {number}: {describe_ingredient(ingredient)}", ""]
+            lines += _stage_lines(lineage(ingredient))
+            lines += ["Its command:" if ingredient.get("started_from") else "The command that trained it:", "",
+                      "```bash", ingredient.get("command") or "# command not recorded", "```", ""]
         command = self.project.get("command")
         if command:
-            lines += [f"The exact command{' of the last stage' if stages else ''}:", "", "```bash", command, "```"]
+            which = " that averaged them" if soup else " of the last stage" if stages else ""
+            lines += [f"The exact command{which}:", "", "```bash", command, "```"]
         else:
             lines += ["The command line of this run was not recorded."]
         evaluated = self.project.get("evaluation_command")

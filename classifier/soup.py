@@ -1,0 +1,158 @@
+"""`python -m classifier.soup`: one model whose weights are the average of several.
+
+A model soup (Wortsman et al., 2022, https://arxiv.org/abs/2203.05482): models fine-tuned from the
+same weights with different settings (another stage with CutMix, say) stay in one basin of the
+loss, and the average of their weights is often more accurate than each of them, for the cost of
+one model at prediction time. timm's avg_checkpoints.py averages the epochs of one run; this
+averages bundles (or a run's last checkpoint) and makes the result a bundle again.
+
+An ingredient is a bundle folder, or a run's OUT/last.pt: its final epoch, which its bundle may not
+hold (a bundle keeps the epoch of lowest validation loss); the run's OUT/bundle then says what the
+run was. The soup is written as a bundle and evaluated as training evaluates
+(`python -m classifier.evaluate --write`), so its figures are measured, none inherited.
+
+    python -m classifier.soup runs/a/bundle runs/b/last.pt --out runs/soup --tta flip
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from classifier.bundle import EVAL_DIR, Bundle, BundleError, library_versions, load_bundle, save_bundle, stage_record
+from classifier.tta import TTA_MODES
+
+# The fields of a run's `training` record that its evaluation reads again: which data, split how,
+# and with which precision; the optimiser settings of one ingredient would misdescribe the soup.
+_KEPT_TRAINING = ("data", "data_dir", "image_dir", "classes", "val_fraction", "test_fraction", "seed",
+                  "model", "image_size", "amp", "mistakes")
+# The fields of a bundle's project record that describe one trained run rather than the data and
+# the architecture; the soup's own come from its evaluation.
+_DROPPED_PROJECT = ("metrics", "temperature", "tta", "command", "evaluation_command", "started_from", "soup")
+
+
+@dataclass
+class Ingredient:
+    bundle: Bundle  # for a checkpoint: its run's bundle, with the checkpoint's weights loaded
+    record: dict  # what the soup's config keeps of it (bundle.stage_record, plus the epoch of a checkpoint)
+
+
+def load_ingredient(location: str) -> Ingredient:
+    """A bundle folder, or a training checkpoint OUT/last.pt beside its run's OUT/bundle."""
+    path = Path(location)
+    if path.suffix != ".pt":
+        bundle = load_bundle(location)
+        return Ingredient(bundle, stage_record(bundle, location))
+    if not path.is_file():
+        raise BundleError(f"{path}: no such checkpoint")
+    run_bundle = path.parent / "bundle"
+    if not run_bundle.is_dir():
+        raise BundleError(f"{path}: a checkpoint is used beside its run's bundle ({run_bundle}), which is missing")
+    bundle = load_bundle(run_bundle)
+    # Our own run's checkpoint, read as tensors and plain data only (weights_only refuses code).
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        bundle.model.load_state_dict(checkpoint["model"], strict=True)
+    except (KeyError, RuntimeError) as exc:
+        raise BundleError(f"{path}: its weights do not fit the {bundle.architecture} of {run_bundle}") from exc
+    history = checkpoint.get("history", [])
+    record = stage_record(bundle, location)
+    # The bundle's test accuracy is that of its best epoch, not of these weights.
+    record.update(accuracy=None, epoch=int(checkpoint["epoch"]) + 1,
+                  val_accuracy=history[-1].get("val_acc") if history else None,
+                  train_seconds=sum(epoch.get("seconds", 0.0) for epoch in history) or None)
+    return Ingredient(bundle, record)
+
+
+def check_compatible(ingredients: list[Ingredient]) -> None:
+    """Weights average meaningfully only across one architecture, one set of classes and one input."""
+    first = ingredients[0]
+    for other in ingredients[1:]:
+        for what, value in (("architecture", lambda b: b.architecture), ("classes", lambda b: b.label_names),
+                            ("model arguments", lambda b: b.config.get("model_args", {})),
+                            ("input size", lambda b: b.pretrained_cfg["input_size"]),
+                            ("normalisation", lambda b: (b.pretrained_cfg["mean"], b.pretrained_cfg["std"]))):
+            if value(first.bundle) != value(other.bundle):
+                raise BundleError(f"{other.record['bundle']} and {first.record['bundle']} differ in {what} "
+                                  f"({value(other.bundle)} vs {value(first.bundle)}): their weights cannot be averaged")
+
+
+def average_weights(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The mean of each floating-point tensor (batch-norm statistics included); integer ones, such
+    as batch norm's step counter, are the first ingredient's."""
+    averaged = {}
+    for name, first in states[0].items():
+        if first.is_floating_point():
+            total = sum(state[name].double() for state in states)
+            averaged[name] = (total / len(states)).to(first.dtype)
+        else:
+            averaged[name] = first.clone()
+    return averaged
+
+
+def soup_config(ingredients: list[Ingredient], command: str) -> dict:
+    """The first ingredient's config, its run-specific fields replaced by the list of ingredients."""
+    config = dict(ingredients[0].bundle.config)
+    project = {k: v for k, v in ingredients[0].bundle.project.items() if k not in _DROPPED_PROJECT}
+    training = project.get("training", {})
+    project["training"] = {k: training[k] for k in _KEPT_TRAINING if k in training}
+    project.update(versions=library_versions(), command=command,
+                   soup={"method": "uniform weight average", "ingredients": [i.record for i in ingredients]})
+    config["classifier"] = project
+    return config
+
+
+def make_soup(locations: list[str], out: str | os.PathLike, command: str) -> Path:
+    """Average the ingredients at `locations` into a bundle at `out` (not yet evaluated)."""
+    if len(locations) < 2:
+        raise BundleError("a soup needs two ingredients or more")
+    ingredients = [load_ingredient(location) for location in locations]
+    check_compatible(ingredients)
+    model = ingredients[0].bundle.model
+    model.load_state_dict(average_weights([i.bundle.model.state_dict() for i in ingredients]))
+    # A soup written over an earlier one must not keep that one's evaluation.
+    shutil.rmtree(Path(out) / EVAL_DIR, ignore_errors=True)
+    return save_bundle(out, model, soup_config(ingredients, command))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m classifier.soup", description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("ingredients", nargs="+", help="bundle folders, or runs' OUT/last.pt checkpoints")
+    p.add_argument("--out", required=True, help="the folder of the new bundle")
+    p.add_argument("--tta", choices=list(TTA_MODES), default="none", help="test-time augmentation of its evaluation")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass of the evaluation")
+    p.add_argument("--loader", choices=["auto", "memory", "workers"], default="auto")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from classifier import evaluate_cli
+    from classifier.hub import HubError
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    if Path(args.out).resolve() in {Path(i).resolve() for i in args.ingredients}:
+        print(f"error: --out {args.out} is one of the ingredients; name a new folder", file=sys.stderr)
+        return 2
+    try:
+        out = make_soup(args.ingredients, args.out, "python -m classifier.soup " + shlex.join(argv))
+    except (BundleError, HubError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote the average of {len(args.ingredients)} models to {out}; evaluating it")
+    return evaluate_cli.main([str(out), "--tta", args.tta, "--write", "--batch-size", str(args.batch_size),
+                              "--loader", args.loader, "--workers", str(args.workers), "--device", args.device])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
