@@ -28,6 +28,7 @@ from classifier.data import DataSplits, Split, load_pil  # noqa: E402
 from classifier.tta import TTA, tta_mode  # noqa: E402
 
 MISTAKES_DIR = "mistakes"
+CURVES_FILE, HISTORY_FILE = "curves.png", "history.json"  # in eval/: the training curves and their figures
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.1, 10.0
 
 
@@ -238,8 +239,8 @@ def save_report(eval_dir: str | os.PathLike, metrics: dict, mistakes: list[dict]
     if samples:
         plot_sample_grid(samples, split, channels, eval_dir / "samples.png")
     if history:
-        plot_history(history, eval_dir / "curves.png")
-        (eval_dir / "history.json").write_text(json.dumps(history, indent=1))
+        plot_history(history, eval_dir / CURVES_FILE)
+        (eval_dir / HISTORY_FILE).write_text(json.dumps(history, indent=1))
     return eval_dir
 
 
@@ -288,20 +289,25 @@ def plot_confusion_matrix(matrix, classes: Sequence[str], path: str | os.PathLik
     save_figure(fig, path, dpi=110)
 
 
-def plot_history(history: list[dict], path: str | os.PathLike) -> None:
-    """Loss and accuracy per epoch, train and validation, side by side."""
-    if not history:
+def plot_history(history: list[dict] | dict[str, list[dict]], path: str | os.PathLike) -> None:
+    """Loss and accuracy per epoch, train and validation, side by side; for several runs (the
+    models a soup averages), a {name: history} with one pair of lines per run."""
+    runs = history if isinstance(history, dict) else {"": history}
+    runs = {name: records for name, records in runs.items() if records}
+    if not runs:
         return
-    epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for split in ("train", "val"):
-        ax_loss.plot(epochs, [r[f"{split}_loss"] for r in history], marker="o", label=split)
-        ax_acc.plot(epochs, [r[f"{split}_acc"] for r in history], marker="o", label=split)
+    for name, records in runs.items():
+        epochs = [r["epoch"] for r in records]
+        for split in ("train", "val"):
+            label = f"{name} {split}".strip()
+            ax_loss.plot(epochs, [r[f"{split}_loss"] for r in records], marker="o", label=label)
+            ax_acc.plot(epochs, [r[f"{split}_acc"] for r in records], marker="o", label=label)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7 if len(runs) > 1 else None)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -72,10 +72,13 @@ def comparison_table(recorded: dict, measured: dict) -> str:
             ("cross-entropy (calibrated)", field("loss"), decimals),
             ("ECE before calibration", calibration("ece_before"), percent), ("ECE after calibration", field("ece"), percent),
             ("temperature", calibration("temperature"), "{:.3f}".format), ("test images", field("num_samples"), "{:,}".format)]
-    lines = ["| | recorded in the bundle | measured now |", "|---|---|---|"]
+    # A bundle not evaluated yet (a new soup, say) has no recorded column.
+    columns = [("recorded in the bundle", recorded)] if recorded else []
+    columns.append(("measured now", measured))
+    lines = ["| | " + " | ".join(name for name, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, get, fmt in rows:
-        cells = [fmt(v) if v is not None else "" for v in (get(recorded), get(measured))]
-        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+        cells = [fmt(v) if v is not None else "" for v in (get(figures) for _, figures in columns)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

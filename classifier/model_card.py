@@ -99,7 +99,8 @@ def _stage_lines(stages: list[dict]) -> list[str]:
 
 
 def describe_ingredient(ingredient: dict) -> str:
-    """`runs/x/last.pt` (epoch 5, validation accuracy 93.90%), or a bundle with its test accuracy."""
+    """"`runs/x/last.pt` (the weights of epoch 5, validation accuracy 93.90%, ...)", or a bundle
+    with its test accuracy."""
     facts = []
     if ingredient.get("epoch"):
         facts.append(f"the weights of epoch {ingredient['epoch']}")
@@ -311,7 +312,7 @@ class _CardFacts:
         for number, ingredient in enumerate(soup, start=1):
             lines += [f"### Ingredient {number}: {describe_ingredient(ingredient)}", ""]
             lines += _stage_lines(lineage(ingredient))
-            lines += ["Its command:" if ingredient.get("started_from") else "The command that trained it:", "",
+            lines += ["Its own run, after the stages above:" if ingredient.get("started_from") else "The command that trained it:", "",
                       "```bash", ingredient.get("command") or "# command not recorded", "```", ""]
         command = self.project.get("command")
         if command:

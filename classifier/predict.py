@@ -11,7 +11,7 @@ import os
 from typing import Sequence
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import transforms as T
 
 from classifier.bundle import Bundle, load_bundle
@@ -19,6 +19,21 @@ from classifier.data import INTERPOLATION
 from classifier.images import ImageSource, open_image
 from classifier.models import channels_last_pays
 from classifier.tta import tta_logits, tta_mode
+
+
+class ShrinkToSource:
+    """A photo cropped to the training images' shape and shrunk to their size (height, width) in
+    one PIL resize: ImageOps.fit, the call the model card's plain-timm snippet makes too, so the
+    two predict alike."""
+
+    def __init__(self, size):
+        self.size = (int(size[1]), int(size[0]))  # PIL sizes are (width, height)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return ImageOps.fit(image, self.size, Image.BICUBIC)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size[::-1]})"
 
 
 def eval_transform(bundle: Bundle) -> T.Compose:
@@ -32,8 +47,7 @@ def eval_transform(bundle: Bundle) -> T.Compose:
     steps: list = []
     source = bundle.project.get("source_image_size")
     if source and min(source) < min(height, width):
-        steps += [T.Resize(min(source), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-                  T.CenterCrop(tuple(source))]
+        steps.append(ShrinkToSource(source))
     steps += [T.Resize(int(round(min(height, width) / crop_pct)), interpolation=interp, antialias=True),
               T.CenterCrop((height, width)), T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])]
     return T.Compose(steps)

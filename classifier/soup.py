@@ -17,6 +17,7 @@ run was. The soup is written as a bundle and evaluated as training evaluates
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from classifier.bundle import EVAL_DIR, Bundle, BundleError, library_versions, load_bundle, save_bundle, stage_record
+from classifier.evaluate import CURVES_FILE, HISTORY_FILE, plot_history
 from classifier.tta import TTA_MODES
 
 # The fields of a run's `training` record that its evaluation reads again: which data, split how,
@@ -42,6 +44,7 @@ _DROPPED_PROJECT = ("metrics", "temperature", "tta", "command", "evaluation_comm
 class Ingredient:
     bundle: Bundle  # for a checkpoint: its run's bundle, with the checkpoint's weights loaded
     record: dict  # what the soup's config keeps of it (bundle.stage_record, plus the epoch of a checkpoint)
+    history: list[dict]  # its run's epochs (up to the checkpoint's), for the soup's training curves
 
 
 def load_ingredient(location: str) -> Ingredient:
@@ -49,7 +52,9 @@ def load_ingredient(location: str) -> Ingredient:
     path = Path(location)
     if path.suffix != ".pt":
         bundle = load_bundle(location)
-        return Ingredient(bundle, stage_record(bundle, location))
+        history = bundle.eval_path(HISTORY_FILE)
+        return Ingredient(bundle, stage_record(bundle, location),
+                          json.loads(history.read_text()) if history.is_file() else [])
     if not path.is_file():
         raise BundleError(f"{path}: no such checkpoint")
     run_bundle = path.parent / "bundle"
@@ -68,7 +73,13 @@ def load_ingredient(location: str) -> Ingredient:
     record.update(accuracy=None, epoch=int(checkpoint["epoch"]) + 1,
                   val_accuracy=history[-1].get("val_acc") if history else None,
                   train_seconds=sum(epoch.get("seconds", 0.0) for epoch in history) or None)
-    return Ingredient(bundle, record)
+    return Ingredient(bundle, record, list(history))
+
+
+def short_name(location: str) -> str:
+    """A legend's name for an ingredient: its run's folder (runs/NAME/bundle, runs/NAME/last.pt), else its own."""
+    path = Path(location)
+    return path.parent.name if path.suffix == ".pt" or path.name == "bundle" else path.name
 
 
 def check_compatible(ingredients: list[Ingredient]) -> None:
@@ -119,7 +130,13 @@ def make_soup(locations: list[str], out: str | os.PathLike, command: str) -> Pat
     model.load_state_dict(average_weights([i.bundle.model.state_dict() for i in ingredients]))
     # A soup written over an earlier one must not keep that one's evaluation.
     shutil.rmtree(Path(out) / EVAL_DIR, ignore_errors=True)
-    return save_bundle(out, model, soup_config(ingredients, command))
+    save_bundle(out, model, soup_config(ingredients, command))
+    # The soup was not trained; its Model tab and card show how its ingredients were (the
+    # evaluation that follows writes the rest of eval/ and leaves this plot).
+    (Path(out) / EVAL_DIR).mkdir()
+    plot_history({f"{n}: {short_name(i.record['bundle'])}": i.history for n, i in enumerate(ingredients, start=1)},
+                 Path(out) / EVAL_DIR / CURVES_FILE)
+    return Path(out)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,7 +40,8 @@ def test_config_reports_the_evaluation_it_ran(name):
     assert config["temperature"] == measured["calibration"]["temperature"]
     assert tta_mode(config.get("tta")) == tta_mode(measured.get("tta"))  # the Predictor predicts as measured
     assert config["num_test"] == measured["num_samples"] == sum(map(sum, measured["confusion_matrix"]))
-    assert config["command"].startswith("python training/finetune.py")
+    # Trained by the project's command line, or averaged from bundles it trained (classifier.soup).
+    assert config["command"].startswith(("python training/finetune.py", "python -m classifier.soup"))
 
 
 @pytest.mark.parametrize("name", sorted(BUNDLES))
@@ -73,4 +74,5 @@ def test_the_cards_plain_timm_snippet_predicts_as_the_predictor(name):
     expected = Predictor(load_bundle(folder)).predict(photo)
     got = namespace["probabilities"]
     labels = namespace["labels"]
-    torch.testing.assert_close(got, torch.tensor([expected[label] for label in labels]), atol=1e-4, rtol=0)
+    # Tight: leaving out the mirror TTA moves the lite0 soup's probabilities for this photo by 1.5e-4.
+    torch.testing.assert_close(got, torch.tensor([expected[label] for label in labels]), atol=1e-5, rtol=0)

@@ -11,7 +11,7 @@ from classifier.bundle import load_bundle
 from classifier.demo import model_summary
 from classifier.experiment import RunConfig, run
 from classifier.predict import Predictor
-from classifier.soup import average_weights, main
+from classifier.soup import average_weights, main, short_name
 
 
 def test_average_weights_means_floats_and_keeps_counters_and_dtypes():
@@ -37,7 +37,8 @@ def test_a_soup_is_the_mean_of_its_ingredients_and_is_evaluated(tiny_bundle, sec
     out = tmp_path / "soup"
     assert main([str(tiny_bundle), str(second_run / "last.pt"), "--out", str(out), "--tta", "flip",
                  "--workers", "0", "--device", "cpu"]) == 0
-    assert "| accuracy |" in capsys.readouterr().out
+    # Nothing was recorded before: the table has the measured column only.
+    assert "| | measured now |" in capsys.readouterr().out
     first = load_file(str(tiny_bundle / "model.safetensors"))
     last = torch.load(second_run / "last.pt", map_location="cpu", weights_only=True)["model"]
     soup = load_file(str(out / "model.safetensors"))
@@ -60,7 +61,10 @@ def test_a_soup_is_the_mean_of_its_ingredients_and_is_evaluated(tiny_bundle, sec
     assert checkpoint_record["command"].endswith("--mixup 0.4")
     assert checkpoint_record["started_from"]["bundle"] == str(tiny_bundle)
 
+    # Not trained itself: its curves are its ingredients' (a run's last.pt: the epochs up to it).
+    assert (out / "eval" / "curves.png").is_file() and short_name(str(second_run / "last.pt")) == second_run.name
     card = (out / "README.md").read_text()
+    assert "eval/curves.png" in card
     assert "### Ingredient 2: `" + str(second_run / "last.pt") + "` (the weights of epoch 1" in card
     assert "--mixup 0.4" in card and project["command"] in card
     summary = model_summary(load_bundle(out), str(out))
