@@ -204,7 +204,9 @@ def evaluate_model(model: torch.nn.Module, val_loader, test_loader, classes: lis
     val_logits, val_targets, _ = predict_logits(evaluated, val_loader, device, dtype)
     test_logits, test_targets, test_indices = predict_logits(evaluated, test_loader, device, dtype)
     metrics = calibrated_metrics(test_logits, test_targets, val_logits, val_targets, classes)
-    metrics.update(split="test", tta=tta_mode(tta))
+    # The validation split's accuracy too, so that models (soups, say) can be chosen without the test set.
+    metrics.update(split="test", tta=tta_mode(tta),
+                   val_accuracy=float((val_logits.argmax(1) == val_targets).float().mean()) if len(val_targets) else None)
     return Evaluation(metrics, test_logits, test_targets, test_indices)
 
 

@@ -68,7 +68,8 @@ def comparison_table(recorded: dict, measured: dict) -> str:
 
     percent, decimals = "{:.2%}".format, "{:.4f}".format
     rows = [("test-time augmentation", lambda m: tta_mode(m.get("tta")), str),  # older bundles: a bool
-            ("accuracy", field("accuracy"), percent), ("macro F1", field("macro_f1"), decimals),
+            ("accuracy", field("accuracy"), percent), ("validation accuracy", field("val_accuracy"), percent),
+            ("macro F1", field("macro_f1"), decimals),
             ("cross-entropy (calibrated)", field("loss"), decimals),
             ("ECE before calibration", calibration("ece_before"), percent), ("ECE after calibration", field("ece"), percent),
             ("temperature", calibration("temperature"), "{:.3f}".format), ("test images", field("num_samples"), "{:,}".format)]

@@ -37,8 +37,10 @@ def test_a_soup_is_the_mean_of_its_ingredients_and_is_evaluated(tiny_bundle, sec
     out = tmp_path / "soup"
     assert main([str(tiny_bundle), str(second_run / "last.pt"), "--out", str(out), "--tta", "flip",
                  "--workers", "0", "--device", "cpu"]) == 0
-    # Nothing was recorded before: the table has the measured column only.
-    assert "| | measured now |" in capsys.readouterr().out
+    # Nothing was recorded before: the table has the measured column only, validation accuracy
+    # included (to choose between soups without the test set).
+    printed = capsys.readouterr().out
+    assert "| | measured now |" in printed and "| validation accuracy | " in printed
     first = load_file(str(tiny_bundle / "model.safetensors"))
     last = torch.load(second_run / "last.pt", map_location="cpu", weights_only=True)["model"]
     soup = load_file(str(out / "model.safetensors"))
@@ -50,6 +52,7 @@ def test_a_soup_is_the_mean_of_its_ingredients_and_is_evaluated(tiny_bundle, sec
     # Measured on the test split of the ingredients' data, nothing carried over from them.
     assert metrics["tta"] == project["tta"] == "flip" and project["metrics"]["accuracy"] == metrics["accuracy"]
     assert metrics["num_samples"] == project["num_test"] and "epochs_trained" not in metrics
+    assert 0 < metrics["val_accuracy"] <= 1
     assert project["command"].startswith("python -m classifier.soup ")
     assert project["evaluation_command"].startswith("python -m classifier.evaluate ")
     assert "started_from" not in project and "lr" not in project["training"]
