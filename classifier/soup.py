@@ -158,8 +158,11 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    if Path(args.out).resolve() in {Path(i).resolve() for i in args.ingredients}:
-        print(f"error: --out {args.out} is one of the ingredients; name a new folder", file=sys.stderr)
+    # Neither an ingredient nor the bundle of a checkpoint's run may be written over.
+    taken = {Path(i).resolve().parent / "bundle" if i.endswith(".pt") else Path(i).resolve() for i in args.ingredients}
+    if Path(args.out).resolve() in taken:
+        print(f"error: --out {args.out} is one of the ingredients (or a checkpoint's run bundle); name a new folder",
+              file=sys.stderr)
         return 2
     try:
         out = make_soup(args.ingredients, args.out, "python -m classifier.soup " + shlex.join(argv))

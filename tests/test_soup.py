@@ -93,6 +93,8 @@ def test_models_that_cannot_be_averaged_are_refused(tiny_bundle, tmp_path, capsy
     assert "two ingredients or more" in capsys.readouterr().err
     assert main([str(tiny_bundle), str(other), "--out", str(other)]) == 2
     assert "is one of the ingredients" in capsys.readouterr().err
+    assert main([str(tiny_bundle), str(tmp_path / "run" / "last.pt"), "--out", str(tmp_path / "run" / "bundle")]) == 2
+    assert "is one of the ingredients" in capsys.readouterr().err
     assert main([str(tiny_bundle), str(tmp_path / "missing.pt"), "--out", str(tmp_path / "soup")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "soup").exists()
