@@ -60,6 +60,7 @@ class RunConfig:
     model_args: dict = field(default_factory=dict)
     image_size: int | None = None  # None: the data's own size from scratch, the model's when pretrained
     init_from: str | None = None  # a bundle (folder or Hub id) whose weights the run starts from
+    init_from_revision: str | None = None  # with a Hub init_from: its branch, tag or commit (None: the latest)
     # optimisation (see TrainConfig)
     epochs: int = 10
     batch_size: int = 128
@@ -190,7 +191,7 @@ def prepare(cfg: RunConfig, device: torch.device, data: DataSplits | None = None
     pretrained = cfg.resolved_pretrained()
     data = data if data is not None else load_run_data(cfg)
     if source is None and cfg.init_from:
-        source = load_bundle(cfg.init_from)
+        source = load_bundle(cfg.init_from, revision=cfg.init_from_revision)
     dcfg = _data_config(cfg, data, pretrained, source)
     size = dcfg["image_size"]
     if source is not None:

@@ -664,3 +664,32 @@ def test_offline_without_the_files_in_the_cache_says_so(fake_hub, monkeypatch):
     with pytest.raises(hub.HubError, match="HF_HUB_OFFLINE is set and it is not in the local cache"):
         load_bundle("alice/never-pulled")
     assert fake_hub.requests == []
+
+
+def test_finetune_init_from_a_hub_id_pins_the_commit_it_read(fake_hub, bundle, tiny_bundle):
+    """--init-from owner/name reads the config to learn the architecture; the weights must come
+    from that same commit even if the repository moves on before they are loaded."""
+    from classifier.experiment import prepare
+    from classifier.train import pick_device
+
+    hub.push_bundle(bundle, "alice/shapes-cnn")
+    first_commit = fake_hub.commits[-1]["oid"]
+    finetune = load_finetune()
+    parser = finetune.build_parser()
+    argv = ["--data", str(tiny_bundle.parent.parent / "shapes"), "--init-from", "alice/shapes-cnn", "--workers", "0"]
+    cfg = finetune.config_from_args(parser.parse_args(argv), finetune.given_options(parser, argv))
+    assert cfg.model == "fast_cnn" and cfg.init_from == "alice/shapes-cnn" and cfg.init_from_revision == first_commit
+
+    # A newer push with other weights lands before training loads them.
+    state = load_file(bundle / "model.safetensors")
+    save_file({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, bundle / "model.safetensors")
+    hub.push_bundle(bundle, "alice/shapes-cnn", commit_message="newer")
+    assert fake_hub.commits[-1]["oid"] != first_commit
+    setup = prepare(cfg, pick_device("cpu"))
+    loaded = setup.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert setup.started_from["bundle"] == "alice/shapes-cnn" and setup.started_from["revision"] == first_commit
+
+    local = ["--data", "x", "--init-from", str(bundle), "--init-from-revision", "v2"]
+    with pytest.raises(BundleError, match="Hub --init-from"):
+        finetune.config_from_args(parser.parse_args(local), finetune.given_options(parser, local))

@@ -30,7 +30,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from classifier import distributed, hub  # noqa: E402
-from classifier.bundle import read_config  # noqa: E402
+from classifier.bundle import BundleError, is_hub_id, read_config, resolve_location  # noqa: E402
 # USER_ERRORS: mistakes in data, arguments or weights, reported as one readable line. Anything else
 # is a bug, and its traceback is worth seeing.
 from classifier.experiment import (RECIPES, USER_ERRORS, RunConfig, apply_recipe, command_line, run,  # noqa: E402
@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-from", metavar="BUNDLE", default=d.init_from,
                    help="start from this bundle's weights (a folder or Hub id) instead of ImageNet's: with the same "
                         "classes its head too, e.g. to go on training at a higher --image-size; --model defaults to its architecture")
+    g.add_argument("--init-from-revision", metavar="REV", default=d.init_from_revision,
+                   help="with a Hub --init-from: the branch, tag or commit to start from (default: the latest "
+                        "commit, which the bundle records)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--recipe", choices=["auto", "none", *RECIPES], default="auto",
                    help="fill the options not given from a recipe: fast = airbench94's (batch 512, SGD lr 0.75 "
@@ -171,8 +174,16 @@ def config_from_args(args: argparse.Namespace, given: set[str] = frozenset()) ->
     values = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
     if args.classes:
         values["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
+    if args.init_from_revision and not (args.init_from and is_hub_id(args.init_from)):
+        raise BundleError("--init-from-revision names a commit of a Hub --init-from (owner/name), "
+                          "not of a local folder")
     if args.init_from and "model" not in given:
-        values["model"] = read_config(args.init_from)["architecture"]
+        folder = resolve_location(args.init_from, args.init_from_revision)
+        values["model"] = read_config(folder)["architecture"]
+        if is_hub_id(args.init_from):
+            # The weights must come from the commit whose config was just read, even if the
+            # repository changes meanwhile: pin it (its snapshot folder is named after it).
+            values["init_from_revision"] = folder.name
     return RunConfig(**apply_recipe(values, given), command=command_line())
 
 
