@@ -314,7 +314,7 @@ def model_summary(bundle: Bundle, location: str) -> str:
           for number, stage in enumerate(lineage(project), start=1)),
         *((f"Averaged model {number}", f"{describe_ingredient(ingredient)}: "
            f"`{ingredient.get('command') or 'not recorded'}`"
-           + (f", after {len(lineage(ingredient))} earlier stage(s) (see its model card)" if ingredient.get("started_from") else ""))
+           + (f", after {len(lineage(ingredient))} earlier stage(s), listed on the model card" if ingredient.get("started_from") else ""))
           for number, ingredient in enumerate(project.get("soup", {}).get("ingredients", []), start=1)),
         ("Averaging command" if project.get("soup") else "Training command",
          f"`{project['command']}`" if project.get("command") else "not recorded"),
