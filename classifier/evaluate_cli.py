@@ -19,7 +19,7 @@ import time
 from classifier.tta import TTA_MODES, tta_mode
 
 # The data fields of a run's config that decide which images end up in the test split.
-_DATA_FIELDS = ("data", "data_dir", "image_dir", "classes", "val_fraction", "test_fraction", "seed")
+DATA_FIELDS = ("data", "data_dir", "image_dir", "classes", "val_fraction", "test_fraction", "seed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +48,7 @@ def run_config(bundle, location: str, args: argparse.Namespace):
     from classifier.experiment import RunConfig
 
     recorded = bundle.project.get("training", {})
-    values = {k: recorded[k] for k in _DATA_FIELDS if k in recorded}
+    values = {k: recorded[k] for k in DATA_FIELDS if k in recorded}
     if args.data:  # other data: its own splits, not the recorded subset of classes
         values = {"data": args.data, "data_dir": args.data_dir, "image_dir": args.image_dir}
     if "data" not in values:

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 # Anything else is a bug, and its traceback is worth seeing.
 USER_ERRORS = (DataError, ModelError, BundleError, ImageError, TrainingDiverged, HubError, LRFinderError)
 LR_FINDER_FILE = "lr_finder.json"
+RUN_BUNDLE_DIR = "bundle"  # a run's bundle, OUT/bundle, beside its checkpoint OUT/last.pt
 
 
 @dataclass
@@ -379,7 +380,7 @@ def run(cfg: RunConfig) -> RunResult:
     metrics = evaluation.metrics
     metrics.update(best_epoch=result.best_epoch, epochs_trained=len(result.history),
                    stopped_early=result.stopped_early, train_seconds=float(sum(r["seconds"] for r in result.history)))
-    bundle_dir = out / "bundle"
+    bundle_dir = out / RUN_BUNDLE_DIR
     if distributed.is_main_process():
         project = {
             "dataset": data.name, "classes_selected": cfg.classes, "num_train": len(data.train),

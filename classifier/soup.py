@@ -29,12 +29,14 @@ import torch
 
 from classifier.bundle import EVAL_DIR, Bundle, BundleError, library_versions, load_bundle, save_bundle, stage_record
 from classifier.evaluate import CURVES_FILE, HISTORY_FILE, plot_history
+from classifier.evaluate_cli import DATA_FIELDS
+from classifier.experiment import RUN_BUNDLE_DIR
+from classifier.train import LAST_CHECKPOINT
 from classifier.tta import TTA_MODES
 
 # The fields of a run's `training` record that its evaluation reads again: which data, split how,
 # and with which precision; the optimiser settings of one ingredient would misdescribe the soup.
-_KEPT_TRAINING = ("data", "data_dir", "image_dir", "classes", "val_fraction", "test_fraction", "seed",
-                  "model", "image_size", "amp", "mistakes")
+_KEPT_TRAINING = DATA_FIELDS + ("model", "image_size", "amp", "mistakes")
 # The fields of a bundle's project record that describe one trained run rather than the data and
 # the architecture; the soup's own come from its evaluation.
 _DROPPED_PROJECT = ("metrics", "temperature", "tta", "command", "evaluation_command", "started_from", "soup")
@@ -47,17 +49,22 @@ class Ingredient:
     history: list[dict]  # its run's epochs (up to the checkpoint's), for the soup's training curves
 
 
+def run_bundle_of(location: str) -> Path | None:
+    """For a training checkpoint (OUT/last.pt, or any .pt), its run's bundle OUT/bundle; else None."""
+    path = Path(location)
+    return path.parent / RUN_BUNDLE_DIR if path.suffix == Path(LAST_CHECKPOINT).suffix else None
+
+
 def load_ingredient(location: str) -> Ingredient:
     """A bundle folder, or a training checkpoint OUT/last.pt beside its run's OUT/bundle."""
-    path = Path(location)
-    if path.suffix != ".pt":
+    path, run_bundle = Path(location), run_bundle_of(location)
+    if run_bundle is None:
         bundle = load_bundle(location)
         history = bundle.eval_path(HISTORY_FILE)
         return Ingredient(bundle, stage_record(bundle, location),
                           json.loads(history.read_text()) if history.is_file() else [])
     if not path.is_file():
         raise BundleError(f"{path}: no such checkpoint")
-    run_bundle = path.parent / "bundle"
     if not run_bundle.is_dir():
         raise BundleError(f"{path}: a checkpoint is used beside its run's bundle ({run_bundle}), which is missing")
     bundle = load_bundle(run_bundle)
@@ -79,7 +86,7 @@ def load_ingredient(location: str) -> Ingredient:
 def short_name(location: str) -> str:
     """A legend's name for an ingredient: its run's folder (runs/NAME/bundle, runs/NAME/last.pt), else its own."""
     path = Path(location)
-    return path.parent.name if path.suffix == ".pt" or path.name == "bundle" else path.name
+    return path.parent.name if run_bundle_of(location) or path.name == RUN_BUNDLE_DIR else path.name
 
 
 def check_compatible(ingredients: list[Ingredient]) -> None:
@@ -159,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     # Neither an ingredient nor the bundle of a checkpoint's run may be written over.
-    taken = {Path(i).resolve().parent / "bundle" if i.endswith(".pt") else Path(i).resolve() for i in args.ingredients}
+    taken = {(run_bundle_of(i) or Path(i)).resolve() for i in args.ingredients}
     if Path(args.out).resolve() in taken:
         print(f"error: --out {args.out} is one of the ingredients (or a checkpoint's run bundle); name a new folder",
               file=sys.stderr)
