@@ -161,6 +161,11 @@ def load_run_data(cfg: RunConfig) -> DataSplits:
     with distributed.local_main_first():
         data = load_data(cfg.data, data_dir=cfg.data_dir, image_dir=cfg.image_dir, classes=cfg.classes,
                          val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
+        if len(data.val) == 0:
+            # load_data allows it (a library user may only want train and test); a run does not.
+            raise DataError("a run needs a validation split: the best epoch and the calibration temperature "
+                            "are chosen on it. --val-fraction 0 leaves none; give a fraction above 0, or "
+                            "data with a val/ folder")
         data = materialize_small(data)
     log.info("data %s: %d classes, %d train / %d val / %d test images, %s", data.name, data.num_classes,
              len(data.train), len(data.val), len(data.test), "x".join(map(str, data.image_size())))

@@ -61,6 +61,7 @@ def test_a_real_run_writes_a_bundle(folder, tmp_path):
     (["--data", "/no/such/folder"], "no such file or directory"),
     (["--model", "resnet9000"], "unknown model"),
     (["--classes", "circle,hexagon"], "unknown class"),
+    (["--val-fraction", "0"], "a run needs a validation split"),  # it crashed in decoding an empty split
 ])
 def test_user_mistakes_get_one_clear_line(folder, tmp_path, args, message):
     base = {"--data": str(folder), "--model": "fast_cnn"}

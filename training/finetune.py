@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default=d.data_dir, help="where cifar10/fashion-mnist live (torchvision files, or an ImageFolder copy / .tar.gz)")
     g.add_argument("--image-dir", default=d.image_dir, help="with a CSV: the folder of images named by id (default: the CSV's folder)")
     g.add_argument("--classes", default=None, help="comma-separated subset of classes, e.g. airplane,automobile,ship")
-    g.add_argument("--val-fraction", type=float, default=d.val_fraction, help="share of train held out for validation (stratified)")
+    g.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="share of train held out for validation (stratified; above 0 unless the data has its own val split)")
     g.add_argument("--test-fraction", type=float, default=d.test_fraction, help="share held out for test when the source has no test split")
     g.add_argument("--seed", type=int, default=d.seed, help="seeds the split, the initialisation and the data order")
     g = p.add_argument_group("model")
