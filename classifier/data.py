@@ -373,7 +373,7 @@ def materialize(split: Split, channels: int, size: int | None = None) -> tuple[S
     The cache key is the list of paths with their sizes and modification times, so editing, adding
     or removing any file gives a new cache entry. Unreadable files are dropped and returned.
     """
-    if split.in_memory:
+    if split.in_memory or len(split) == 0:  # nothing to decode (an empty split: no val with --val-fraction 0)
         return split, []
     key = hashlib.sha256(f"{channels}:{size}".encode())
     for path in split.items:
@@ -397,6 +397,8 @@ def materialize(split: Split, channels: int, size: int | None = None) -> tuple[S
             image = image.resize((images[0].shape[1], images[0].shape[0]), Image.BICUBIC)
         images.append(np.asarray(image, dtype=np.uint8))
         keep.append(i)
+    if not images:  # every file broke after load_data's scan
+        raise DataError(f"none of the {len(split)} image(s) of a split could be read:\n  " + "\n  ".join(skipped[:5]))
     array = np.stack(images)
     targets = split.targets[np.asarray(keep, dtype=np.int64)]
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from classifier.data import (DataError, ImageDataset, build_transform, channel_stats, collate_skipping_broken,
-                             load_data, materialize, materialize_small, stratified_split)
+                             Split, load_data, materialize, materialize_small, stratified_split)
 from tests.conftest import CLASSES, make_image_folder
 
 
@@ -191,7 +191,6 @@ def test_fashion_mnist_from_idx_files(tmp_path):
 def test_channel_stats_match_numpy():
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8)
-    from classifier.data import Split
 
     mean, std = channel_stats(Split(images, np.zeros(30, np.int64)), 3)
     expected = images.reshape(-1, 3) / 255.0
@@ -211,6 +210,16 @@ def test_materialize_decodes_once_and_caches(tmp_path, monkeypatch):
     cached, _ = materialize(data.train, channels=3)
     assert np.array_equal(cached.items, first.items) and np.array_equal(cached.targets, first.targets)
     assert materialize_small(data).val.in_memory  # every split now comes from the cache
+
+
+def test_materialize_passes_an_empty_split_and_names_a_split_it_cannot_read(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=5)
+    data = materialize_small(load_data(str(root), val_fraction=0.0, test_fraction=0.2))
+    assert len(data.val) == 0 and data.train.in_memory and data.test.in_memory
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError, match="none of the 1 image"):
+        materialize(Split([str(broken)], np.zeros(1, np.int64)), channels=3)
 
 
 def test_transforms_augment_only_for_training():
