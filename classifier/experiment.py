@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, DistributedSampler
 
 from classifier import distributed
+from classifier.allocator import keep_freed_memory
 from classifier.bundle import EVAL_DIR, Bundle, BundleError, load_bundle, make_config, save_bundle, stage_record
 from classifier.data import (DataError, DataSplits, ImageDataset, build_transform, channel_stats, collate_skipping_broken,
                              load_data, materialize_small)
@@ -366,6 +367,8 @@ def run(cfg: RunConfig) -> RunResult:
     # machine with another job, say).
     if device.type == "cpu" and distributed.world_size() == 1 and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if device.type == "cpu":
+        keep_freed_memory()  # 1.3-1.4x faster steps on glibc: see classifier/allocator.py
     setup = prepare(cfg, device)
     data, dcfg, model, model_args = setup.data, setup.data_config, setup.model, setup.model_args
     size, in_chans, pretrained, parameters = dcfg["image_size"], setup.in_chans, setup.pretrained, setup.parameters

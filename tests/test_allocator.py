@@ -1,0 +1,65 @@
+"""classifier.allocator: glibc's malloc thresholds, raised once, and left alone where the environment chose."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from classifier import allocator
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """The module as if this process had not called keep_freed_memory() yet."""
+    monkeypatch.setattr(allocator, "_applied", None)
+    for name in ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("name, value", [("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0"),
+                                         ("MALLOC_MMAP_THRESHOLD_", "65536"),
+                                         ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")])
+def test_the_environment_s_choice_wins(fresh, name, value):
+    fresh.setenv(name, value)
+    assert allocator.configured_elsewhere()
+    assert allocator.keep_freed_memory() is False
+
+
+def test_unrelated_tunables_do_not_count(fresh):
+    fresh.setenv("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX512F")
+    assert not allocator.configured_elsewhere()
+
+
+def test_not_glibc_is_a_no_op(fresh):
+    fresh.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
+    assert allocator.keep_freed_memory() is False
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's; elsewhere keep_freed_memory is a no-op (tested above)")
+def test_applies_once_and_stops_the_page_faults():
+    # A child process, so that this one keeps its allocator: a 64 MB buffer allocated and freed
+    # again and again is mapped afresh (16,384 faults) each time by default, and reused once the
+    # thresholds are raised (the heap may grow for it once more, not every time).
+    code = """
+import resource, sys, torch
+from classifier.allocator import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory() is True and keep_freed_memory() is True
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.ones(1 << 24)
+before = faults()
+for _ in range(10):
+    torch.ones(1 << 24)  # 64 MB, freed at once
+print(faults() - before)
+"""
+    faults = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
+                                       check=True).stdout) for mode in ("default", "keep")}
+    assert faults["default"] >= 10 * 16_000
+    assert faults["keep"] <= 2 * 16_384
