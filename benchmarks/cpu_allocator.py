@@ -1,19 +1,22 @@
 #!/usr/bin/env python
-"""CPU training with glibc's default malloc thresholds and with classifier.allocator's; a markdown table.
+"""CPU training and inference with glibc's default malloc thresholds and with classifier.allocator's; a table.
 
     python benchmarks/cpu_allocator.py                        # lite0, 160 px, batch 32
     python benchmarks/cpu_allocator.py --size 224 --batch 64 --rounds 3
+    python benchmarks/cpu_allocator.py --workloads predict --batch 1 --steps 50    # as the app predicts
 
 The thresholds are process-wide and cannot be put back, so each measurement is a child process of
 this script, once with the default allocator and once after classifier.allocator.keep_freed_memory(),
-alternating for --rounds rounds so that a noisy host hits both alike. Two workloads:
+alternating for --rounds rounds so that a noisy host hits both alike. The workloads:
 - steps: --steps forward/backward/SGD steps on one random batch in memory after --warmup (as
   benchmarks/step_speed.py times them), NCHW and NHWC;
+- predict: --steps forward passes of one random NHWC batch after --warmup, without gradients (with
+  --batch 1, what the app does per image);
 - fit: one epoch of classifier.train.fit on --steps batches of random 32x32 images held in memory,
   resized to --size by the in-memory loader, with CutMix and label smoothing: the loop that
   `training/finetune.py --loader memory` runs (the validation pass on 64 images included).
-Rows give the median of the rounds: images/s, minor page faults per step (the warm-up's left out
-for steps; included for fit, whose first steps fault everything in), the share of the CPU time
+Rows give the median of the rounds: images/s, minor page faults per step (the warm-up's left out,
+except for fit, whose first steps fault everything in), the share of the CPU time
 spent in the kernel, and the peak resident memory.
 """
 
@@ -34,7 +37,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 MODES = ("default", "keep_freed_memory")
-WORKLOADS = ("steps-nchw", "steps-nhwc", "fit")
+WORKLOADS = ("steps-nchw", "steps-nhwc", "fit", "predict")
 
 
 def steps_rate(args: argparse.Namespace, model, channels_last: bool):
@@ -48,6 +51,22 @@ def steps_rate(args: argparse.Namespace, model, channels_last: bool):
     images_per_second(model, args.size, args.batch, channels_last, args.warmup, 0, cpu)
     before = resource.getrusage(resource.RUSAGE_SELF)
     return images_per_second(model, args.size, args.batch, channels_last, args.steps, 0, cpu), args.steps, before
+
+
+def predict_rate(args: argparse.Namespace, model):
+    """(images/s, batches counted, resource usage at their start) of inference on one random NHWC
+    batch: evaluation's forward passes (one image at a time with --batch 1, as the app predicts)."""
+    import torch
+
+    model = model.eval().to(memory_format=torch.channels_last)
+    x = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for _ in range(args.warmup):
+            model(x)
+        before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        for _ in range(args.steps):
+            model(x)
+        return args.batch * args.steps / (time.perf_counter() - start), args.steps, before
 
 
 def fit_rate(args: argparse.Namespace, model):
@@ -92,6 +111,8 @@ def child(args: argparse.Namespace) -> int:
     model = create_model(args.model, num_classes=10, pretrained=False)
     if args.workload == "fit":
         speed, steps, before = fit_rate(args, model)
+    elif args.workload == "predict":
+        speed, steps, before = predict_rate(args, model)
     else:
         speed, steps, before = steps_rate(args, model, channels_last=args.workload == "steps-nhwc")
     after = resource.getrusage(resource.RUSAGE_SELF)

@@ -271,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from classifier.allocator import keep_freed_memory
     from classifier.experiment import RunConfig, USER_ERRORS, prepare, train_config
     from classifier.train import pick_device
 
@@ -283,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                     weight_decay=args.weight_decay, device=args.device, workers=args.workers, seed=args.seed)
     try:
         device = pick_device(cfg.device)
+        if device.type == "cpu":
+            keep_freed_memory()  # faster CPU steps: see classifier/allocator.py
         setup = prepare(cfg, device)
         result = lr_range_test(setup.model, setup.train_loader, train_config(cfg, setup.new_head, lr=args.end_lr),
                                device=device, start_lr=args.start_lr, end_lr=args.end_lr,
