@@ -3,7 +3,7 @@
 
     python benchmarks/cpu_allocator.py                        # lite0, 160 px, batch 32
     python benchmarks/cpu_allocator.py --size 224 --batch 64 --rounds 3
-    python benchmarks/cpu_allocator.py --workloads predict --batch 1 --steps 50    # as the app predicts
+    OMP_NUM_THREADS=1 python benchmarks/cpu_allocator.py --workloads predict --batch 2 --steps 40   # the app's TTA pair
 
 The thresholds are process-wide and cannot be put back, so each measurement is a child process of
 this script, once with the default allocator and once after classifier.allocator.keep_freed_memory(),
@@ -11,7 +11,7 @@ alternating for --rounds rounds so that a noisy host hits both alike. The worklo
 - steps: --steps forward/backward/SGD steps on one random batch in memory after --warmup (as
   benchmarks/step_speed.py times them), NCHW and NHWC;
 - predict: --steps forward passes of one random NHWC batch after --warmup, without gradients (with
-  --batch 1, what the app does per image);
+  --batch 2 on one thread, what each of the app's workers does per photo: the image and its mirror);
 - fit: one epoch of classifier.train.fit on --steps batches of random 32x32 images held in memory,
   resized to --size by the in-memory loader, with CutMix and label smoothing: the loop that
   `training/finetune.py --loader memory` runs (the validation pass on 64 images included).
@@ -55,7 +55,7 @@ def steps_rate(args: argparse.Namespace, model, channels_last: bool):
 
 def predict_rate(args: argparse.Namespace, model):
     """(images/s, batches counted, resource usage at their start) of inference on one random NHWC
-    batch: evaluation's forward passes (one image at a time with --batch 1, as the app predicts)."""
+    batch: evaluation's forward passes, or with --batch 2 the app's mirror-TTA pair."""
     import torch
 
     model = model.eval().to(memory_format=torch.channels_last)
@@ -87,7 +87,7 @@ def fit_rate(args: argparse.Namespace, model):
                   interpolation="bicubic", seed=0)
     train = DeviceLoader(images[:n], targets[:n], batch_size=args.batch, train=True, **common)
     val = DeviceLoader(images[n:], targets[n:], batch_size=64, train=False, **common)
-    # The settings of the shipped model's CutMix stage (README, Results).
+    # The settings of the shipped model's CutMix stage (README: the shipped models).
     config = TrainConfig(epochs=1, lr=0.005, optimizer="sgd", schedule="cosine", warmup_epochs=0.2,
                          label_smoothing=0.1, cutmix=1.0)
     with tempfile.TemporaryDirectory() as out:
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=160)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=10, help="timed steps (steps), batches in the epoch (fit)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (steps)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps or passes first (steps, predict)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated, of " + ", ".join(WORKLOADS))
     p.add_argument("--rounds", type=int, default=2, help="alternating measurements of each")
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
