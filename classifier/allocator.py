@@ -16,9 +16,14 @@ what it was given.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import platform
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +37,6 @@ MMAP_THRESHOLD = 256 << 20
 # How much free memory at the top of the heap the process may keep instead of returning it.
 TRIM_THRESHOLD = 1 << 30
 
-_applied: bool | None = None
-
 
 def configured_elsewhere() -> bool:
     """True when the environment already chose the allocator or its thresholds: theirs wins."""
@@ -42,16 +45,21 @@ def configured_elsewhere() -> bool:
             or "MALLOC_TRIM_THRESHOLD_" in os.environ or "malloc" in os.environ.get("LD_PRELOAD", ""))
 
 
-def keep_freed_memory() -> bool:
+def keep_freed_memory(device: torch.device | None = None) -> bool:
     """Raise glibc's mmap and trim thresholds for this process (once); True if they are now raised.
 
-    A no-op (False) where the C library is not glibc (macOS, Windows, musl) or the environment set
-    the allocator up itself. It changes where memory comes from, never what is computed.
+    `device`: where the work runs; nothing is done for a GPU (None: the caller cannot tell yet, as
+    the app before its models load). A no-op (False) too where the C library is not glibc (macOS,
+    Windows, musl) or the environment set the allocator up itself. It changes where memory comes
+    from, never what is computed.
     """
-    global _applied
-    if _applied is not None:
-        return _applied
-    _applied = False
+    if device is not None and device.type != "cpu":
+        return False
+    return _raise_thresholds()
+
+
+@functools.cache  # process-wide, so once is enough
+def _raise_thresholds() -> bool:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or configured_elsewhere():
         return False
     try:
@@ -60,8 +68,8 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     # mallopt returns 1 on success; setting either threshold also stops glibc adjusting it itself.
-    _applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-    if _applied:
+    applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    if applied:
         log.debug("glibc malloc: mmap threshold %d MiB, trim threshold %d MiB", MMAP_THRESHOLD >> 20,
                   TRIM_THRESHOLD >> 20)
-    return _applied
+    return applied

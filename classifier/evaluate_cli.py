@@ -116,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         bundle = load_bundle(args.bundle)
         cfg = run_config(bundle, args.bundle, args)
         device = pick_device(cfg.device)
-        if device.type == "cpu":
-            keep_freed_memory()  # faster CPU evaluation: see classifier/allocator.py
+        keep_freed_memory(device)  # faster CPU evaluation: see classifier/allocator.py
         data = load_run_data(cfg)
         if data.classes != bundle.label_names:
             raise BundleError(f"the data's classes {data.classes} are not the bundle's {bundle.label_names}")

@@ -367,8 +367,7 @@ def run(cfg: RunConfig) -> RunResult:
     # machine with another job, say).
     if device.type == "cpu" and distributed.world_size() == 1 and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
-    if device.type == "cpu":
-        keep_freed_memory()  # 1.6x faster CPU epochs on glibc: see classifier/allocator.py
+    keep_freed_memory(device)  # 1.6x faster CPU epochs on glibc: see classifier/allocator.py
     setup = prepare(cfg, device)
     data, dcfg, model, model_args = setup.data, setup.data_config, setup.model, setup.model_args
     size, in_chans, pretrained, parameters = dcfg["image_size"], setup.in_chans, setup.pretrained, setup.parameters

@@ -284,8 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                     weight_decay=args.weight_decay, device=args.device, workers=args.workers, seed=args.seed)
     try:
         device = pick_device(cfg.device)
-        if device.type == "cpu":
-            keep_freed_memory()  # faster CPU steps: see classifier/allocator.py
+        keep_freed_memory(device)  # faster CPU steps: see classifier/allocator.py
         setup = prepare(cfg, device)
         result = lr_range_test(setup.model, setup.train_loader, train_config(cfg, setup.new_head, lr=args.end_lr),
                                device=device, start_lr=args.start_lr, end_lr=args.end_lr,

@@ -192,8 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         items = items_from_paths(args.images) + (items_from_csv(args.csv, args.image_dir) if args.csv else [])
         device = pick_device(args.device)
-        if device.type == "cpu":
-            keep_freed_memory()  # faster CPU predictions: see classifier/allocator.py
+        keep_freed_memory(device)  # faster CPU predictions: see classifier/allocator.py
         predictor = Predictor(args.bundle, device=device, tta=args.tta)
     except (*USER_ERRORS, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)

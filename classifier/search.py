@@ -319,8 +319,7 @@ def run_search(config: SearchConfig, on_trial_end: Callable[[TrialRecord], None]
     study = _open_study(config)
     optuna = _optuna()
     device = pick_device(config.base.device)
-    if device.type == "cpu":
-        keep_freed_memory()  # faster CPU steps for every trial: see classifier/allocator.py
+    keep_freed_memory(device)  # faster CPU steps for every trial: see classifier/allocator.py
     data = None  # loaded once, when the first trial needs it; every trial shares the split
 
     while True:

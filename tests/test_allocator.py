@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from classifier import allocator
 
@@ -20,10 +21,12 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 @pytest.fixture
 def fresh(monkeypatch):
     """The module as if this process had not called keep_freed_memory() yet."""
-    monkeypatch.setattr(allocator, "_applied", None)
+    raise_thresholds = allocator._raise_thresholds  # the cached original, should a test replace it
+    raise_thresholds.cache_clear()
     for name in MALLOC_ENV:
         monkeypatch.delenv(name, raising=False)
-    return monkeypatch
+    yield monkeypatch
+    raise_thresholds.cache_clear()  # a later call asks glibc again, not this test's answer
 
 
 @pytest.mark.parametrize("name, value", [("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0"),
@@ -38,6 +41,11 @@ def test_the_environment_s_choice_wins(fresh, name, value):
 def test_unrelated_tunables_do_not_count(fresh):
     fresh.setenv("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX512F")
     assert not allocator.configured_elsewhere()
+
+
+def test_a_gpu_s_work_leaves_the_allocator_alone(fresh):
+    fresh.setattr(allocator, "_raise_thresholds", lambda: pytest.fail("the thresholds were raised for a GPU"))
+    assert allocator.keep_freed_memory(torch.device("cuda")) is False
 
 
 def test_not_glibc_is_a_no_op(fresh):
