@@ -78,6 +78,8 @@ class RunConfig:
     mixup: float = 0.0
     cutmix: float = 0.0
     grad_clip: float | None = None
+    ema_decay: float = 0.0
+    ema_warmup: bool = False
     freeze_epochs: int | None = None  # None: 1 when fine-tuning a pretrained model, else 0
     backbone_lr_scale: float | None = None  # None: 0.1 when fine-tuning, else 1
     patience: int | None = None
@@ -329,7 +331,7 @@ def train_config(cfg: RunConfig, new_head: bool, lr: float | None = None) -> Tra
         epochs=cfg.epochs, lr=lr if lr is not None else cfg.resolved_lr(), optimizer=cfg.optimizer,
         momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
         warmup_epochs=cfg.warmup_epochs, label_smoothing=cfg.label_smoothing, mixup=cfg.mixup, cutmix=cfg.cutmix,
-        grad_clip=cfg.grad_clip,
+        grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, ema_warmup=cfg.ema_warmup,
         freeze_epochs=cfg.freeze_epochs if cfg.freeze_epochs is not None else int(new_head),
         backbone_lr_scale=cfg.backbone_lr_scale if cfg.backbone_lr_scale is not None else (0.1 if new_head else 1.0),
         patience=cfg.patience, amp=cfg.amp, seed=cfg.seed)

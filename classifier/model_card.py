@@ -292,7 +292,9 @@ class _CardFacts:
                          f"{self.project['num_train']:,} / {self.project['num_val']:,} / {self.project['num_test']:,}"))
         if self.metrics and "epochs_trained" in self.metrics:
             note = ", stopped early" if self.metrics.get("stopped_early") else ""
-            rows.append(("Epochs", f"{self.metrics['epochs_trained']} (weights of epoch {self.metrics['best_epoch']}, "
+            weights = (f"the moving average of the weights (decay {training['ema_decay']}) at epoch"
+                       if training.get("ema_decay") else "weights of epoch")
+            rows.append(("Epochs", f"{self.metrics['epochs_trained']} ({weights} {self.metrics['best_epoch']}, "
                                    f"the lowest validation loss{note})"))
         optimiser = ", ".join(f"{k} {training[k]}" for k in ("optimizer", "lr", "batch_size", "schedule",
                                                              "weight_decay", "label_smoothing")

@@ -71,7 +71,8 @@ def load_ingredient(location: str) -> Ingredient:
     # Our own run's checkpoint, read as tensors and plain data only (weights_only refuses code).
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     try:
-        bundle.model.load_state_dict(checkpoint["model"], strict=True)
+        # A run with a moving average delivers (and validated) the average, not the raw weights.
+        bundle.model.load_state_dict(checkpoint.get("ema", checkpoint["model"]), strict=True)
     except (KeyError, RuntimeError) as exc:
         raise BundleError(f"{path}: its weights do not fit the {bundle.architecture} of {run_bundle}") from exc
     history = checkpoint.get("history", [])

@@ -1,7 +1,7 @@
 """fit(): the training loop, with everything a real run needs and nothing else.
 
-Schedules, mixed precision, gradient clipping, a frozen-backbone warm-up for fine-tuning, early
-stopping on validation loss, atomic checkpoints of the best and the last epoch, exact resume
+Schedules, mixed precision, gradient clipping, a frozen-backbone warm-up for fine-tuning, an
+exponential moving average of the weights (timm's ModelEmaV3), early stopping on validation loss, atomic checkpoints of the best and the last epoch, exact resume
 (model, optimiser, scheduler, scaler, RNG state, epoch), and a clear stop on a NaN loss. It is aware
 of torch.distributed (DDP under torchrun) but works without it: rank 0 alone writes files.
 """
@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -64,6 +65,13 @@ class TrainConfig:
     freeze_epochs: int = 0  # epochs that train the head alone, body frozen (fine-tuning)
     backbone_lr_scale: float = 1.0  # the body's learning rate relative to the head's
     patience: int | None = None  # early stopping: epochs without a better validation loss
+    # An exponential moving average of the weights, updated every step (timm's --model-ema): it is
+    # what gets validated, checkpointed as the best and returned; 0 = off. 0.9998 averages over about
+    # the last 5,000 steps. Without warm-up the average starts at the initial weights and keeps a
+    # share of them (0.9998**steps), which suits fine-tuning a good model; with warm-up it forgets them
+    # within the first few hundred steps (timm's use_warmup).
+    ema_decay: float = 0.0
+    ema_warmup: bool = False
     amp: str = "auto"  # "auto" (bf16/fp16 on CUDA, off on CPU), "bf16", "fp16", "off"
     channels_last: bool = True  # NHWC batches and weights where it pays (models.channels_last_pays)
     seed: int = 0
@@ -243,7 +251,8 @@ def fit(
     on_epoch_end: Callable[[dict], None] | None = None,
     sync_batchnorm: bool = False,
 ) -> FitResult:
-    """Train `model` in place; at the end it holds the weights of the last epoch trained.
+    """Train `model` in place; at the end it holds the weights of the last epoch trained (their moving
+    average, with config.ema_decay).
 
     The best weights by validation loss are in out_dir/best.safetensors (FitResult.best_weights).
     `on_epoch_end` is called with each epoch's record after its checkpoint is written.
@@ -267,6 +276,8 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     mixer = batch_mixer(config, model)
+    # After the model's final device, layout and BatchNorm type: the average is a copy of it.
+    ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=config.ema_warmup) if config.ema_decay > 0 else None
     result = FitResult(best_weights=out_dir / BEST_WEIGHTS)
     start_epoch, bad_epochs = 0, 0
 
@@ -283,6 +294,11 @@ def fit(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            if "ema" not in state:
+                raise ValueError(f"{checkpoint_path} was written without --model-ema-decay; resume it without "
+                                 f"the moving average, or start a new run")
+            ema.module.load_state_dict(state["ema"])
         _set_rng_state(state["rng"])
         start_epoch, bad_epochs = state["epoch"] + 1, state["bad_epochs"]
         result.history, result.best_epoch = list(state["history"]), state["best_epoch"]
@@ -331,6 +347,8 @@ def fit(
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            if ema is not None:  # given a step, timm's average starts over from the weights (and warms up)
+                ema.update(model, step=epoch * len(train_loader) + step if config.ema_warmup else None)
             totals += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
                                    torch.tensor(float(len(y)), device=device, dtype=torch.float64)])
             # Checking every step would sync the GPU each time; every 50 steps stops a bad run soon
@@ -344,11 +362,16 @@ def fit(
         if not math.isfinite(loss_sum):
             raise TrainingDiverged(_diverged_message(epoch, len(train_loader), config, checkpoint_path))
         assert_finite(model)
-        val_loss, val_acc = validate(model, val_loader, device, dtype, criterion)
+        # With a moving average, it is the model this run delivers: its validation decides the best
+        # epoch. The raw weights' figures are kept beside it, to show what the average added.
+        delivered = model if ema is None else ema.module
+        val_loss, val_acc = validate(delivered, val_loader, device, dtype, criterion)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(count, 1),
                   "train_acc": correct / max(count, 1), "val_loss": val_loss, "val_acc": val_acc,
                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
                   "images_per_second": count / max(time.perf_counter() - started, 1e-9)}
+        if ema is not None:
+            record["raw_val_loss"], record["raw_val_acc"] = validate(model, val_loader, device, dtype, criterion)
         result.history.append(record)
         improved = val_loss < result.best_val_loss
         if improved:
@@ -357,18 +380,20 @@ def fit(
             bad_epochs += 1
         if is_main:
             if improved:
-                _atomic_save_weights(model, out_dir / BEST_WEIGHTS)
+                _atomic_save_weights(delivered, out_dir / BEST_WEIGHTS)
             _atomic_save({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "rng": _rng_state(), "epoch": epoch, "bad_epochs": bad_epochs,
                 "history": result.history, "best_epoch": result.best_epoch,
                 "best_val_loss": result.best_val_loss, "config": asdict(config),
+                **({} if ema is None else {"ema": ema.module.state_dict()}),
             }, checkpoint_path)
             _write_metrics(out_dir, result.history)
-            log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.1fs (%.0f img/s)%s",
+            raw = "" if ema is None else f" (raw weights: loss {record['raw_val_loss']:.4f} acc {record['raw_val_acc']:.4f})"
+            log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f%s  %.1fs (%.0f img/s)%s",
                      epoch + 1, config.epochs, record["train_loss"], record["train_acc"], val_loss,
-                     val_acc, record["seconds"], record["images_per_second"], "  *best" if improved else "")
+                     val_acc, raw, record["seconds"], record["images_per_second"], "  *best" if improved else "")
         if on_epoch_end:
             on_epoch_end(record)
         if config.patience is not None and bad_epochs >= config.patience:
@@ -376,6 +401,8 @@ def fit(
             log.info("early stop: no better validation loss for %d epochs (best: epoch %d)",
                      bad_epochs, result.best_epoch)
             break
+    if ema is not None:  # the model ends holding what the run delivers; last.pt keeps the raw weights
+        model.load_state_dict(ema.module.state_dict())
     distributed.barrier()
     return result
 

@@ -41,7 +41,8 @@ def test_help_lists_every_option_with_its_default():
 def test_a_real_run_writes_a_bundle(folder, tmp_path):
     out = tmp_path / "run"
     result = finetune("--data", folder, "--model", "tutorial_cifar_cnn", "--epochs", "2", "--batch-size", "16",
-                      "--lr", "0.02", "--workers", "0", "--out", out, "--classes", "circle,square", "--cutmix", "1.0")
+                      "--lr", "0.02", "--workers", "0", "--out", out, "--classes", "circle,square", "--cutmix", "1.0",
+                      "--model-ema-decay", "0.9")
     assert result.returncode == 0, result.stderr
     assert "tutorial_cifar_cnn: 537,086 parameters" in result.stdout  # parameter count is printed
     assert result.stdout.count("epoch ") >= 2 and "test accuracy" in result.stdout
@@ -49,6 +50,9 @@ def test_a_real_run_writes_a_bundle(folder, tmp_path):
     config = json.loads((bundle / "config.json").read_text())
     assert config["label_names"] == ["circle", "square"]
     assert config["classifier"]["training"]["cutmix"] == 1.0 and config["classifier"]["training"]["mixup"] == 0.0
+    assert config["classifier"]["training"]["ema_decay"] == 0.9  # the bundle holds the weights' average
+    assert "the moving average of the weights (decay 0.9) at epoch" in (bundle / "README.md").read_text()
+    assert all("raw_val_acc" in json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
     assert config["classifier"]["command"].startswith("python ") and "--classes circle,square" in config["classifier"]["command"]
     metrics = json.loads((bundle / "eval" / "metrics.json").read_text())
     assert metrics["num_samples"] == 48 and f"test accuracy {metrics['accuracy']:.4f}" in result.stdout
@@ -74,9 +78,14 @@ def test_user_mistakes_get_one_clear_line(folder, tmp_path, args, message):
     assert "Traceback" not in result.stderr
 
 
-def test_a_negative_mixing_alpha_is_refused_before_anything_runs():
-    result = finetune("--mixup", "-0.2")
-    assert result.returncode == 2 and "alpha must be 0 (off) or positive, not -0.2" in result.stderr
+@pytest.mark.parametrize("args, message", [
+    (["--mixup", "-0.2"], "alpha must be 0 (off) or positive, not -0.2"),
+    (["--model-ema-decay", "1"], "the decay must be 0 (off) or between 0 and 1, like 0.9998; not 1"),
+    (["--model-ema-decay", "fast"], "'fast' is not a number"),
+])
+def test_bad_option_values_are_refused_before_anything_runs(args, message):
+    result = finetune(*args)
+    assert result.returncode == 2 and message in result.stderr
 
 
 @pytest.mark.timeout(900)  # three full runs in subprocesses; about 30 s on a quiet machine

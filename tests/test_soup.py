@@ -98,3 +98,17 @@ def test_models_that_cannot_be_averaged_are_refused(tiny_bundle, tmp_path, capsy
     assert main([str(tiny_bundle), str(tmp_path / "missing.pt"), "--out", str(tmp_path / "soup")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "soup").exists()
+
+
+def test_a_checkpoint_with_a_moving_average_gives_the_average(second_run, tmp_path):
+    """A run trained with --model-ema-decay validated and delivered its weights' average: that is
+    the model its last.pt stands for, not the raw weights it keeps to resume."""
+    from classifier.soup import load_ingredient
+
+    run_dir = shutil.copytree(second_run, tmp_path / "run")
+    checkpoint = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    checkpoint["ema"] = {k: v + 1 if v.is_floating_point() else v for k, v in checkpoint["model"].items()}
+    torch.save(checkpoint, run_dir / "last.pt")
+    weights = load_ingredient(str(run_dir / "last.pt")).bundle.model.state_dict()
+    for key, value in checkpoint["ema"].items():
+        assert torch.equal(weights[key], value), key

@@ -100,14 +100,17 @@ class StopAfter(Exception):
     pass
 
 
-def test_interrupted_run_resumes_exactly(shapes, tmp_path):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9], ids=["raw", "moving-average"])
+def test_interrupted_run_resumes_exactly(shapes, tmp_path, ema_decay):
     """A run stopped after epoch 2 and resumed ends bit-for-bit where an uninterrupted run ends.
 
     The tolerance is zero on purpose: on the CPU with a fixed thread count every operation is
-    deterministic, and the checkpoint restores model, optimiser, schedule and every RNG (the data
-    order, augmentation and dropout draw from them), so any difference is a resume bug.
+    deterministic, and the checkpoint restores model, optimiser, schedule, the weights' moving
+    average and every RNG (the data order, augmentation and dropout draw from them), so any
+    difference is a resume bug.
     """
-    config = TrainConfig(epochs=4, lr=0.05, optimizer="sgd", schedule="onecycle", label_smoothing=0.1)
+    config = TrainConfig(epochs=4, lr=0.05, optimizer="sgd", schedule="onecycle", label_smoothing=0.1,
+                         ema_decay=ema_decay)
     whole = small_cnn(drop_rate=0.2)
     fit(whole, *loaders(shapes), config, tmp_path / "whole")
 
@@ -126,6 +129,67 @@ def test_interrupted_run_resumes_exactly(shapes, tmp_path):
     uninterrupted = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     again = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["val_loss"] for r in again] == [r["val_loss"] for r in uninterrupted]
+
+
+def test_moving_average_of_the_weights_is_validated_and_delivered(shapes, tmp_path, monkeypatch):
+    """Without warm-up the average starts at the initial weights: after each step
+    average = decay * average + (1 - decay) * weights. It is what the run validates, saves as its
+    best and ends with; the raw weights stay in last.pt (to resume) and in the record beside it."""
+    from classifier import train
+
+    snapshots = []  # one conv weight after every optimiser step
+    real_build = train.build_optimizer
+
+    def recording_optimizer(model, config):
+        optimizer = real_build(model, config)
+        optimizer.register_step_post_hook(lambda *_: snapshots.append(model.state_dict()[key].clone()))
+        return optimizer
+
+    monkeypatch.setattr(train, "build_optimizer", recording_optimizer)
+    model = small_cnn()
+    key = next(k for k, v in model.state_dict().items() if v.ndim == 4)
+    expected = model.state_dict()[key].clone()
+    decay = 0.8
+    config = TrainConfig(epochs=2, lr=0.05, optimizer="sgd", schedule="constant", ema_decay=decay)
+    result = fit(model, *loaders(shapes), config, tmp_path)
+
+    for weights in snapshots:
+        expected = decay * expected + (1 - decay) * weights
+    assert len(snapshots) == sum(len(loaders(shapes)[0]) for _ in range(2))
+    torch.testing.assert_close(model.state_dict()[key], expected)
+    assert not torch.allclose(snapshots[-1], expected)  # the average is not the last step's weights
+    checkpoint = torch.load(tmp_path / LAST_CHECKPOINT, weights_only=True)
+    assert torch.equal(checkpoint["model"][key], snapshots[-1])
+    assert torch.equal(checkpoint["ema"][key], model.state_dict()[key])
+    if result.best_epoch == 2:
+        assert torch.equal(load_file(str(result.best_weights))[key], model.state_dict()[key])
+    for record in result.history:
+        assert {"val_acc", "val_loss", "raw_val_acc", "raw_val_loss"} <= set(record)
+        assert record["val_loss"] != record["raw_val_loss"]
+
+
+def test_warmed_up_average_forgets_the_initial_weights(shapes, tmp_path):
+    """timm's warm-up (decay (1+step)/(10+step) at first) starts from the first steps' weights
+    instead; with a slow decay the two kinds of average end far apart."""
+    config = dict(epochs=1, lr=0.05, optimizer="sgd", ema_decay=0.999)
+    initial = small_cnn().state_dict()
+    kept, warmed = small_cnn(), small_cnn()
+    fit(kept, *loaders(shapes), TrainConfig(**config), tmp_path / "kept")
+    fit(warmed, *loaders(shapes), TrainConfig(**config, ema_warmup=True), tmp_path / "warmed")
+    key = next(k for k, v in initial.items() if v.ndim == 4)
+    distance = lambda model: (model.state_dict()[key] - initial[key]).norm().item()  # noqa: E731
+    assert distance(kept) < 0.1 * distance(warmed)
+
+
+def test_a_run_without_an_average_cannot_resume_with_one(shapes, tmp_path):
+    def stop(record):
+        raise StopAfter
+
+    with pytest.raises(StopAfter):
+        fit(small_cnn(), *loaders(shapes), TrainConfig(epochs=2, lr=0.05, optimizer="sgd"), tmp_path, on_epoch_end=stop)
+    with pytest.raises(ValueError, match="without --model-ema-decay"):
+        fit(small_cnn(), *loaders(shapes), TrainConfig(epochs=2, lr=0.05, optimizer="sgd", ema_decay=0.9),
+            tmp_path, resume=True)
 
 
 def test_early_stopping_on_validation_loss(shapes, tmp_path):

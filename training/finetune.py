@@ -62,6 +62,17 @@ def alpha_value(text: str) -> float:
     return value
 
 
+def ema_decay_value(text: str) -> float:
+    """--model-ema-decay: 0 for off, else a decay in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"the decay must be 0 (off) or between 0 and 1, like 0.9998; not {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = RunConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -113,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cutmix alpha: paste a box of one image into another, labels by area (1.0 is usual; 0 = off); "
                         "with --mixup too, each batch gets one of the two")
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm")
+    g.add_argument("--model-ema-decay", dest="ema_decay", type=ema_decay_value, default=d.ema_decay,
+                   help="keep an exponential moving average of the weights (timm's --model-ema), validated and "
+                        "delivered instead of the raw weights: its decay per step, e.g. 0.9998 (0 = off)")
+    g.add_argument("--model-ema-warmup", dest="ema_warmup", action="store_true",
+                   help="warm the average's decay up from 0, so it soon forgets the initial weights (by default "
+                        "it starts at them and keeps a decaying share: what fine-tuning a good model wants)")
     g.add_argument("--freeze-epochs", type=int, default=d.freeze_epochs, help="epochs training only the new head (default: 1 when pretrained)")
     g.add_argument("--backbone-lr-scale", type=float, default=d.backbone_lr_scale, help="body learning rate / head learning rate (default: 0.1 when pretrained)")
     g.add_argument("--patience", type=int, default=d.patience, help="early stopping: epochs without a better validation loss")
