@@ -35,13 +35,14 @@ from classifier.images import ImageError
 from classifier.lr_finder import LRFinderError, LRFinderResult, lr_range_test, plot_lr_finder
 from classifier.model_card import write_model_card
 from classifier.models import ModelError, count_parameters, create_model, is_project_model, zero_head
-from classifier.train import TrainConfig, TrainingDiverged, autocast_dtype, fit, pick_device
+from classifier.train import ResumeMismatch, TrainConfig, TrainingDiverged, autocast_dtype, fit, pick_device
 
 log = logging.getLogger(__name__)
 
 # Mistakes in data, arguments or weights, which the command lines report as one readable line.
 # Anything else is a bug, and its traceback is worth seeing.
-USER_ERRORS = (DataError, ModelError, BundleError, ImageError, TrainingDiverged, HubError, LRFinderError)
+USER_ERRORS = (DataError, ModelError, BundleError, ImageError, TrainingDiverged, ResumeMismatch, HubError,
+               LRFinderError)
 LR_FINDER_FILE = "lr_finder.json"
 RUN_BUNDLE_DIR = "bundle"  # a run's bundle, OUT/bundle, beside its checkpoint OUT/last.pt
 

@@ -1,8 +1,9 @@
 """fit(): the training loop, with everything a real run needs and nothing else.
 
 Schedules, mixed precision, gradient clipping, a frozen-backbone warm-up for fine-tuning, an
-exponential moving average of the weights (timm's ModelEmaV3), early stopping on validation loss, atomic checkpoints of the best and the last epoch, exact resume
-(model, optimiser, scheduler, scaler, RNG state, epoch), and a clear stop on a NaN loss. It is aware
+exponential moving average of the weights (timm's ModelEmaV3), early stopping on validation loss,
+atomic checkpoints of the best and the last epoch, exact resume (model, optimiser, scheduler,
+scaler, moving average, RNG state, epoch), and a clear stop on a NaN loss. It is aware
 of torch.distributed (DDP under torchrun) but works without it: rank 0 alone writes files.
 """
 
@@ -44,6 +45,10 @@ SOFT_TARGET_LOSS = SoftTargetCrossEntropy()  # for mixed batches, whose targets 
 
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite; nothing from the broken step was saved."""
+
+
+class ResumeMismatch(ValueError):
+    """The checkpoint to resume was written with other settings than the run's, in a way that matters."""
 
 
 @dataclass
@@ -294,10 +299,13 @@ def fit(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        # The earlier epochs validated (and saved as the best) the average, or the raw weights: the
+        # rest of the run must deliver the same kind of model.
+        if (ema is None) != ("ema" not in state):
+            raise ResumeMismatch(
+                f"{checkpoint_path} was written {'without' if ema else 'with'} --model-ema-decay; resume it "
+                f"{'without' if ema else 'with'} it (or start a new run in another --out)")
         if ema is not None:
-            if "ema" not in state:
-                raise ValueError(f"{checkpoint_path} was written without --model-ema-decay; resume it without "
-                                 f"the moving average, or start a new run")
             ema.module.load_state_dict(state["ema"])
         _set_rng_state(state["rng"])
         start_epoch, bad_epochs = state["epoch"] + 1, state["bad_epochs"]
@@ -390,7 +398,8 @@ def fit(
                 **({} if ema is None else {"ema": ema.module.state_dict()}),
             }, checkpoint_path)
             _write_metrics(out_dir, result.history)
-            raw = "" if ema is None else f" (raw weights: loss {record['raw_val_loss']:.4f} acc {record['raw_val_acc']:.4f})"
+            raw = ("" if ema is None else
+                   f" (raw weights: loss {record['raw_val_loss']:.4f} acc {record['raw_val_acc']:.4f})")
             log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f%s  %.1fs (%.0f img/s)%s",
                      epoch + 1, config.epochs, record["train_loss"], record["train_acc"], val_loss,
                      val_acc, raw, record["seconds"], record["images_per_second"], "  *best" if improved else "")

@@ -181,15 +181,23 @@ def test_warmed_up_average_forgets_the_initial_weights(shapes, tmp_path):
     assert distance(kept) < 0.1 * distance(warmed)
 
 
-def test_a_run_without_an_average_cannot_resume_with_one(shapes, tmp_path):
+@pytest.mark.parametrize("first, then, message", [(0.0, 0.9, "without"), (0.9, 0.0, "with")])
+def test_a_run_resumes_only_with_the_kind_of_weights_it_delivers(shapes, tmp_path, first, then, message):
+    """Its earlier epochs validated (and saved as the best) the average, or the raw weights: mixing
+    the two in one run is refused with one clear line (a USER_ERRORS one, so the CLI prints it)."""
+    from classifier.experiment import USER_ERRORS
+    from classifier.train import ResumeMismatch
+
     def stop(record):
         raise StopAfter
 
     with pytest.raises(StopAfter):
-        fit(small_cnn(), *loaders(shapes), TrainConfig(epochs=2, lr=0.05, optimizer="sgd"), tmp_path, on_epoch_end=stop)
-    with pytest.raises(ValueError, match="without --model-ema-decay"):
-        fit(small_cnn(), *loaders(shapes), TrainConfig(epochs=2, lr=0.05, optimizer="sgd", ema_decay=0.9),
+        fit(small_cnn(), *loaders(shapes), TrainConfig(epochs=2, lr=0.05, optimizer="sgd", ema_decay=first),
+            tmp_path, on_epoch_end=stop)
+    with pytest.raises(ResumeMismatch, match=f"written {message} --model-ema-decay; resume it {message} it"):
+        fit(small_cnn(), *loaders(shapes), TrainConfig(epochs=2, lr=0.05, optimizer="sgd", ema_decay=then),
             tmp_path, resume=True)
+    assert issubclass(ResumeMismatch, USER_ERRORS)
 
 
 def test_early_stopping_on_validation_loss(shapes, tmp_path):
