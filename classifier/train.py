@@ -73,8 +73,8 @@ class TrainConfig:
     # An exponential moving average of the weights, updated every step (timm's --model-ema): it is
     # what gets validated, checkpointed as the best and returned; 0 = off. 0.9998 averages over about
     # the last 5,000 steps. Without warm-up the average starts at the initial weights and keeps a
-    # share of them (0.9998**steps), which suits fine-tuning a good model; with warm-up it forgets them
-    # within the first few hundred steps (timm's use_warmup).
+    # share of them (0.9998**steps), which suits fine-tuning a good model; with warm-up (timm's
+    # use_warmup) the first update replaces them and the decay grows as 1 - (1 + step)**(-2/3).
     ema_decay: float = 0.0
     ema_warmup: bool = False
     amp: str = "auto"  # "auto" (bf16/fp16 on CUDA, off on CPU), "bf16", "fp16", "off"

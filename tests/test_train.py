@@ -169,8 +169,9 @@ def test_moving_average_of_the_weights_is_validated_and_delivered(shapes, tmp_pa
 
 
 def test_warmed_up_average_forgets_the_initial_weights(shapes, tmp_path):
-    """timm's warm-up (decay (1+step)/(10+step) at first) starts from the first steps' weights
-    instead; with a slow decay the two kinds of average end far apart."""
+    """timm's warm-up (the first update replaces the average, then decay 1 - (1 + step)**(-2/3) up
+    to the one asked for) starts from the first step's weights instead; with a slow decay the two
+    kinds of average end far apart."""
     config = dict(epochs=1, lr=0.05, optimizer="sgd", ema_decay=0.999)
     initial = small_cnn().state_dict()
     kept, warmed = small_cnn(), small_cnn()

@@ -128,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep an exponential moving average of the weights (timm's --model-ema), validated and "
                         "delivered instead of the raw weights: its decay per step, e.g. 0.9998 (0 = off)")
     g.add_argument("--model-ema-warmup", dest="ema_warmup", action="store_true",
-                   help="warm the average's decay up from 0, so it soon forgets the initial weights (by default "
-                        "it starts at them and keeps a decaying share: what fine-tuning a good model wants)")
+                   help="timm's warm-up: the first step's weights replace the initial ones and the decay grows from "
+                        "there (by default the average starts at the initial weights and keeps a decaying share: "
+                        "what fine-tuning a good model wants)")
     g.add_argument("--freeze-epochs", type=int, default=d.freeze_epochs, help="epochs training only the new head (default: 1 when pretrained)")
     g.add_argument("--backbone-lr-scale", type=float, default=d.backbone_lr_scale, help="body learning rate / head learning rate (default: 0.1 when pretrained)")
     g.add_argument("--patience", type=int, default=d.patience, help="early stopping: epochs without a better validation loss")
