@@ -24,6 +24,7 @@ import logging
 import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import Callable
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -51,26 +52,24 @@ def lr_value(text: str) -> float | str:
     return value
 
 
-def alpha_value(text: str) -> float:
-    """--mixup/--cutmix: a Beta distribution's alpha, or 0 for off."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"alpha must be 0 (off) or positive, not {text}")
-    return value
+def checked_number(accept: Callable[[float], bool], refusal: str) -> Callable[[str], float]:
+    """An argparse type: a number that `accept` takes, else the error `refusal` ({text}: what was given)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(refusal.format(text=text))
+        return value
+    return parse
 
 
-def ema_decay_value(text: str) -> float:
-    """--model-ema-decay: 0 for off, else a decay in (0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"the decay must be 0 (off) or between 0 and 1, like 0.9998; not {text}")
-    return value
+# --mixup/--cutmix: a Beta distribution's alpha, or 0 for off.
+alpha_value = checked_number(lambda value: value >= 0, "alpha must be 0 (off) or positive, not {text}")
+# --model-ema-decay: 0 for off, else a decay in (0, 1).
+ema_decay_value = checked_number(lambda value: 0 <= value < 1,
+                                 "the decay must be 0 (off) or between 0 and 1, like 0.9998; not {text}")
 
 
 def build_parser() -> argparse.ArgumentParser:
