@@ -151,11 +151,12 @@ def test_moving_average_of_the_weights_is_validated_and_delivered(shapes, tmp_pa
     expected = model.state_dict()[key].clone()
     decay = 0.8
     config = TrainConfig(epochs=2, lr=0.05, optimizer="sgd", schedule="constant", ema_decay=decay)
-    result = fit(model, *loaders(shapes), config, tmp_path)
+    train_loader, val_loader = loaders(shapes)
+    result = fit(model, train_loader, val_loader, config, tmp_path)
 
     for weights in snapshots:
         expected = decay * expected + (1 - decay) * weights
-    assert len(snapshots) == sum(len(loaders(shapes)[0]) for _ in range(2))
+    assert len(snapshots) == config.epochs * len(train_loader)
     torch.testing.assert_close(model.state_dict()[key], expected)
     assert not torch.allclose(snapshots[-1], expected)  # the average is not the last step's weights
     checkpoint = torch.load(tmp_path / LAST_CHECKPOINT, weights_only=True)
