@@ -1,6 +1,6 @@
 """The Gradio demo and Hugging Face Space entry point: `python app.py [--model FOLDER_OR_HUB_ID]`.
 
-Layout and callbacks only; what the tabs show comes from classifier.demo. The default model is
+Layout and callbacks only; what the tabs show comes from classifier.app_logic. The default model is
 MODEL_ID or --model (a bundle folder or a Hub id), else the best bundle shipped in assets/models.
 """
 
@@ -16,11 +16,10 @@ import gradio as gr
 import pandas as pd
 import torch
 
-from classifier import demo as logic
+from classifier import app_logic as logic
 from classifier.allocator import keep_freed_memory
-from classifier.bundle import BundleError
-from classifier.hub import HubError
-from classifier.images import ImageError
+from classifier.bundle import CONFUSION_PNG, CURVES_PNG, SAMPLES_PNG
+from classifier.errors import BundleError, HubError, ImageError
 
 MAX_FILE_SIZE = "10mb"  # a photo worth classifying is far smaller; bigger uploads are refused unread
 QUEUE_SIZE = 64  # requests waiting beyond this are turned away at once instead of timing out
@@ -82,9 +81,9 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
             f"The model tells apart: {', '.join(bundle.label_names)}.",
             gr.Dropdown(choices=filters, value=logic.ALL), gr.Dropdown(choices=filters, value=logic.ALL),
             evaluation.gallery(), evaluation.summary(), _table(*evaluation.confusion_table()),
-            evaluation.image("confusion_matrix.png"), _table(*evaluation.per_class_table()),
-            logic.model_summary(bundle, store.location(name)), evaluation.image("curves.png"),
-            evaluation.image("samples.png"))
+            evaluation.image(CONFUSION_PNG), _table(*evaluation.per_class_table()),
+            logic.model_summary(bundle, store.location(name)), evaluation.image(CURVES_PNG),
+            evaluation.image(SAMPLES_PNG))
 
     def predict(upload: dict | None, name: str):
         """Runs with preprocess=False: gr.Image's own preprocessing opens the upload with Pillow

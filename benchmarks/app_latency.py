@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import app as app_module  # noqa: E402  (its CONCURRENCY sets the app's torch threads)
-from classifier import demo  # noqa: E402
+from classifier import app_logic as demo  # noqa: E402
 from classifier.images import open_image  # noqa: E402
 
 

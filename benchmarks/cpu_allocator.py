@@ -12,7 +12,7 @@ alternating for --rounds rounds so that a noisy host hits both alike. The worklo
   benchmarks/step_speed.py times them), NCHW and NHWC;
 - predict: --steps forward passes of one random NHWC batch after --warmup, without gradients (with
   --batch 2 on one thread, what each of the app's workers does per photo: the image and its mirror);
-- fit: one epoch of classifier.train.fit on --steps batches of random 32x32 images held in memory,
+- fit: one epoch of classifier.loop.fit on --steps batches of random 32x32 images held in memory,
   resized to --size by the in-memory loader, with CutMix and label smoothing: the loop that
   `training/finetune.py --loader memory` runs (the validation pass on 64 images included).
 Rows give the median of the rounds: images/s, minor page faults per step (the warm-up's left out,
@@ -78,7 +78,8 @@ def fit_rate(args: argparse.Namespace, model):
     import torch
 
     from classifier.fastdata import DeviceLoader
-    from classifier.train import TrainConfig, fit
+    from classifier.config import TrainConfig
+    from classifier.loop import fit
 
     rng = np.random.default_rng(0)
     n = args.steps * args.batch

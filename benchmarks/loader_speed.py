@@ -34,10 +34,12 @@ from torchvision import datasets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from classifier.data import (ImageDataset, Split, _find_split_dirs, _resolve_dir, build_transform,  # noqa: E402
+from classifier.data import (ImageDataset, Split, _find_split_dirs, _resolve_dir,  # noqa: E402
                              channel_stats, load_data, materialize)
-from classifier.experiment import RunConfig, _loader  # noqa: E402  (the DataLoader that runs build)
+from classifier.config import RunConfig  # noqa: E402
+from classifier.run import _loader  # noqa: E402  (the DataLoader that runs build)
 from classifier.fastdata import DeviceLoader  # noqa: E402
+from classifier.transforms import train_transform  # noqa: E402
 
 
 def train_folder(args) -> Path:
@@ -112,7 +114,8 @@ def main(argv=None) -> int:
     rows = []
 
     # The tutorials' loader: ImageFolder, the same augmentation, default DataLoader settings.
-    plain_transform = build_transform(size, mean, std, train=True, small=small)
+    plain_transform = train_transform({"input_size": (3, size, size), "mean": mean, "std": std,
+                                       "interpolation": "bilinear"}, small=small)
     for workers in [int(w) for w in args.workers.split(",")]:
         subset = Subset(datasets.ImageFolder(str(folder), transform=plain_transform), pick.tolist())
         loader = DataLoader(subset, batch_size=args.batch_size, shuffle=True, num_workers=workers)

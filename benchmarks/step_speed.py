@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from classifier.models import create_model  # noqa: E402
-from classifier.train import pick_device  # noqa: E402
+from classifier.runtime import pick_device  # noqa: E402
 
 
 def images_per_second(model: torch.nn.Module, size: int, batch: int, channels_last: bool, steps: int, warmup: int,

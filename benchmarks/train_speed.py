@@ -42,10 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from classifier.data import load_data, materialize_small  # noqa: E402
 from classifier.evaluate import predict_logits  # noqa: E402
-from classifier.experiment import RunConfig, apply_recipe, prepare, train_config  # noqa: E402
-from classifier.models import ModelError  # noqa: E402
+from classifier.config import RunConfig, TrainConfig, apply_recipe  # noqa: E402
+from classifier.run import prepare  # noqa: E402
+from classifier.errors import ModelError  # noqa: E402
 from classifier.tta import TTA  # noqa: E402
-from classifier.train import autocast_dtype, fit  # noqa: E402
+from classifier.loop import fit  # noqa: E402
+from classifier.runtime import autocast_dtype  # noqa: E402
 
 TARGETS = (0.75, 0.90)
 log = logging.getLogger("train_speed")
@@ -87,7 +89,7 @@ def timed_run(name: str, cfg: RunConfig, data, device: torch.device, out: Path, 
         log.info("%s: epoch %d  test accuracy %.4f  at %.1f s", name, record["epoch"], acc, elapsed)
         probe_seconds += time.perf_counter() - begun
 
-    result = fit(model, setup.train_loader, setup.val_loader, train_config(cfg, setup.new_head), out,
+    result = fit(model, setup.train_loader, setup.val_loader, TrainConfig.from_run(cfg, setup.new_head), out,
                  device=device, on_epoch_end=probe)
     trained = events[-1]["seconds"]
     final = events[-1]["accuracy"]
@@ -183,7 +185,7 @@ def throughput(cfg: RunConfig, data, device: torch.device, steps: int, warmup: i
         sync(device)
     eval_rate = seen / (time.perf_counter() - begun)
     del batches
-    return {"model": cfg.model, "batch": cfg.batch_size, "size": setup.data_config["image_size"],
+    return {"model": cfg.model, "batch": cfg.batch_size, "size": setup.image_size,
             "loader": "in memory (DeviceLoader)" if cfg.loader == "memory" else f"DataLoader, {cfg.workers} workers",
             "amp": cfg.amp, "train": train_rate, "eval": eval_rate}
 

@@ -2,7 +2,16 @@
 
 The same folder is what `load_bundle` reads from disk or from the Hub, what the app serves, and what
 `timm.create_model("local-dir:<folder>", pretrained=True)` (or "hf-hub:owner/name" once pushed)
-loads with no code of ours beyond the registration of our own CNNs.
+loads with no code of ours beyond the registration of our own CNNs. This module owns the format:
+every file name in it, how it is read, written and checked, and the preprocessing a bundle's model
+expects (Bundle.eval_transform, built by classifier.transforms from config.json alone).
+
+    model.safetensors     the weights (never a pickle)
+    config.json           architecture, label_names, model_args, pretrained_cfg (input size, mean,
+                          std, interpolation, crop_pct), and this project's fields under "classifier"
+    README.md             the model card (classifier.model_card)
+    eval/                 metrics.json, mistakes.json + mistakes/, confusion_matrix.{json,png},
+                          samples.png, curves.png + history.json: what the app and the card show
 """
 
 from __future__ import annotations
@@ -14,25 +23,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import PIL
+import timm
 import torch
+import torchvision
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import classifier
+from classifier import hub
+from classifier.errors import BundleError
 from classifier.models import create_model
+from classifier.transforms import eval_transform
 from classifier.tta import tta_mode
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+CARD_FILE = "README.md"
 EVAL_DIR = "eval"
+# In eval/:
+METRICS_FILE = "metrics.json"  # the evaluation's figures (evaluate.compute_metrics)
+MISTAKES_FILE = "mistakes.json"  # every kept misclassified image, worst first, with its thumbnail in:
+MISTAKES_DIR = "mistakes"
+CONFUSION_JSON, CONFUSION_PNG = "confusion_matrix.json", "confusion_matrix.png"
+SAMPLES_PNG = "samples.png"  # a grid of predictions, right and wrong
+CURVES_PNG, HISTORY_FILE = "curves.png", "history.json"  # the training curves and their figures
+LR_FINDER_PNG = "lr_finder.png"  # with --lr auto: the range test's curve
+# What a bundle is, as file patterns: what is downloaded from the Hub and pushed to it.
+BUNDLE_PATTERNS = [CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, f"{EVAL_DIR}/*", f"{EVAL_DIR}/**"]
 FORMAT_VERSION = 1
 # Where a timm pretrained_cfg points at its original weights: a bundle's config must not, or timm
 # would fetch the ImageNet weights instead of ours.
 _WEIGHT_SOURCE_KEYS = ("url", "hf_hub_id", "hf_hub_filename", "file", "state_dict", "source", "tag",
                        "custom_load", "hf_hub_revision")
-
-
-class BundleError(ValueError):
-    """A bundle that is missing, incomplete or inconsistent, worded for the user."""
 
 
 @dataclass
@@ -74,8 +97,17 @@ class Bundle:
     def eval_path(self, name: str = "") -> Path:
         return self.path / EVAL_DIR / name
 
+    @property
+    def source_image_size(self) -> list[int] | None:
+        """(height, width) of the small images it learned from, when they were upscaled in training."""
+        return self.project.get("source_image_size")
+
+    def eval_transform(self):
+        """THE preprocessing of this model (classifier.transforms.eval_transform), from config.json alone."""
+        return eval_transform(self.pretrained_cfg, self.source_image_size)
+
     def eval_metrics(self) -> dict | None:
-        path = self.eval_path("metrics.json")
+        path = self.eval_path(METRICS_FILE)
         return json.loads(path.read_text()) if path.exists() else None
 
     def metrics(self) -> dict:
@@ -111,12 +143,6 @@ def lineage(project: dict) -> list[dict]:
 
 
 def library_versions() -> dict:
-    import PIL
-    import timm
-    import torchvision
-
-    import classifier
-
     return {"classifier": classifier.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "timm": timm.__version__, "pillow": PIL.__version__, "python": platform.python_version()}
 
@@ -195,9 +221,7 @@ def resolve_location(location: str | os.PathLike, revision: str | None = None) -
     """A local bundle folder as is; 'hf-hub:owner/name' or 'owner/name' downloaded from the Hub."""
     text = str(location)
     if is_hub_id(text):
-        from classifier import hub
-
-        return hub.download_bundle(text.removeprefix("hf-hub:"), revision=revision)
+        return hub.download(text.removeprefix("hf-hub:"), revision=revision, allow_patterns=BUNDLE_PATTERNS)
     path = Path(text).expanduser()
     if not path.exists():
         raise BundleError(f"{path}: no such bundle folder (nor a Hub id like owner/name)")

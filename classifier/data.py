@@ -2,8 +2,8 @@
 
 `load_data` turns a user's `--data` argument into `DataSplits`: class names plus train, validation
 and test `Split`s. A Split is a list of file paths, or an in-memory uint8 array for the small
-datasets, with integer targets. Nothing here is specific to a model: transforms, channel statistics
-and the torch Dataset wrapper take the splits and the model's input size as arguments.
+datasets, with integer targets. Nothing here is specific to a model: channel statistics and the
+torch Dataset wrapper take the splits and a transform (classifier.transforms) as arguments.
 """
 
 from __future__ import annotations
@@ -22,19 +22,15 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
-from torchvision import transforms as T
 
-from classifier.images import ImageError, open_image
+from classifier.errors import DataError, ImageError
+from classifier.images import open_image
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLIT_DIR_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 SMALL_IMAGE_MAX_SIDE = 64  # at or below this, images are decoded once into memory and padded-cropped
-
-
-class DataError(ValueError):
-    """A problem with the user's data, worded for the user (no traceback needed)."""
 
 
 @dataclass
@@ -355,7 +351,7 @@ def select_classes(data: DataSplits, classes: Sequence[str]) -> DataSplits:
 
 
 # ----------------------------------------------------------------------------------------------
-# Decoding small images once, statistics, transforms, and the torch Dataset
+# Decoding small images once, statistics, and the torch Dataset
 
 
 def load_pil(item, channels: int) -> Image.Image:
@@ -447,36 +443,6 @@ def channel_stats(split: Split, channels: int, max_images: int = 5000, seed: int
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-12))
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
-
-
-INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
-                 "nearest": T.InterpolationMode.NEAREST}
-
-
-def build_transform(image_size: int, mean: Sequence[float], std: Sequence[float], *, train: bool,
-                    small: bool, interpolation: str = "bilinear", crop_pct: float = 1.0):
-    """The torchvision transform for one split.
-
-    Small images (CIFAR, Fashion-MNIST): resized to the model's input if needed, then for training
-    a random crop with reflect padding and a horizontal flip. Photos: RandomResizedCrop, flip, a
-    small rotation and colour jitter for training; resize and centre crop by `crop_pct` for eval.
-    """
-    interp = INTERPOLATION[interpolation]
-    steps: list = []
-    if small:
-        steps.append(T.Resize((image_size, image_size), interpolation=interp, antialias=True))
-        if train:
-            steps += [T.RandomCrop(image_size, padding=max(1, image_size // 8), padding_mode="reflect"),
-                      T.RandomHorizontalFlip()]
-    elif train:
-        steps += [T.RandomResizedCrop(image_size, scale=(0.25, 1.0), interpolation=interp, antialias=True),
-                  T.RandomHorizontalFlip(), T.RandomRotation(10, interpolation=interp),
-                  T.ColorJitter(0.2, 0.2, 0.2, 0.02)]
-    else:
-        steps += [T.Resize(int(round(image_size / crop_pct)), interpolation=interp, antialias=True),
-                  T.CenterCrop(image_size)]
-    steps += [T.ToTensor(), T.Normalize(mean, std)]
-    return T.Compose(steps)
 
 
 class ImageDataset(Dataset):

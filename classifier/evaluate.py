@@ -1,7 +1,8 @@
 """Honest evaluation: metrics, calibration, the misclassified examples, and the plots of them.
 
 Everything is computed from the logits of a full pass over a split; nothing is estimated or typed
-in. `save_report` writes the bundle's eval/ folder that the app and the model card read.
+in. `save_report` writes the bundle's eval/ folder that the app and the model card read (its
+pictures drawn by classifier.plots).
 """
 
 from __future__ import annotations
@@ -10,25 +11,21 @@ import json
 import math
 import os
 import shutil
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Sequence
 
-import matplotlib
+import torch
+from PIL import Image
+from torch import nn
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch import nn  # noqa: E402
+from classifier import distributed
+from classifier.bundle import (CONFUSION_JSON, CONFUSION_PNG, CURVES_PNG, HISTORY_FILE, METRICS_FILE, MISTAKES_DIR,
+                               MISTAKES_FILE, SAMPLES_PNG)
+from classifier.data import DataSplits, Split, load_pil
+from classifier.plots import plot_confusion_matrix, plot_history, plot_sample_grid
+from classifier.tta import TTA, tta_mode
 
-from classifier import distributed  # noqa: E402
-from classifier.data import DataSplits, Split, load_pil  # noqa: E402
-from classifier.tta import TTA, tta_mode  # noqa: E402
-
-MISTAKES_DIR = "mistakes"
-CURVES_FILE, HISTORY_FILE = "curves.png", "history.json"  # in eval/: the training curves and their figures
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.1, 10.0
 
 
@@ -222,26 +219,27 @@ def save_report(eval_dir: str | os.PathLike, metrics: dict, mistakes: list[dict]
                 samples: list[dict] | None = None) -> Path:
     """Write eval/: metrics.json, confusion_matrix.{json,png}, mistakes/ + mistakes.json, plots."""
     eval_dir = Path(eval_dir)
-    # An evaluation written again (python -m classifier.evaluate --write) must not leave the
+    # An evaluation written again (python -m classifier evaluate --write) must not leave the
     # earlier one's mistakes behind beside the new ones.
     shutil.rmtree(eval_dir / MISTAKES_DIR, ignore_errors=True)
     (eval_dir / MISTAKES_DIR).mkdir(parents=True, exist_ok=True)
-    (eval_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (eval_dir / "confusion_matrix.json").write_text(json.dumps(
+    (eval_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    (eval_dir / CONFUSION_JSON).write_text(json.dumps(
         {"labels": list(classes), "matrix": metrics["confusion_matrix"], "rows": "true", "columns": "predicted"},
         indent=1))
-    plot_confusion_matrix(metrics["confusion_matrix"], classes, eval_dir / "confusion_matrix.png")
+    plot_confusion_matrix(metrics["confusion_matrix"], classes, eval_dir / CONFUSION_PNG)
     for n, mistake in enumerate(mistakes):
         name = f"{MISTAKES_DIR}/{n:04d}.png"
         _thumbnail(load_pil(split.items[mistake["index"]], channels)).save(eval_dir / name)
         mistake["file"] = name
         if not split.in_memory:
             mistake["source"] = str(split.items[mistake["index"]])
-    (eval_dir / "mistakes.json").write_text(json.dumps(mistakes, indent=1))
+    (eval_dir / MISTAKES_FILE).write_text(json.dumps(mistakes, indent=1))
     if samples:
-        plot_sample_grid(samples, split, channels, eval_dir / "samples.png")
+        plot_sample_grid([load_pil(split.items[s["index"]], channels) for s in samples], samples,
+                         eval_dir / SAMPLES_PNG)
     if history:
-        plot_history(history, eval_dir / CURVES_FILE)
+        plot_history(history, eval_dir / CURVES_PNG)
         (eval_dir / HISTORY_FILE).write_text(json.dumps(history, indent=1))
     return eval_dir
 
@@ -254,93 +252,3 @@ def sample_predictions(logits: torch.Tensor, targets: torch.Tensor, indices: tor
     pick = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))[:count]
     return [{"index": int(indices[i]), "true": classes[int(targets[i])],
              "predicted": classes[int(probs[i].argmax())], "p": float(probs[i].max())} for i in pick.tolist()]
-
-
-# ----------------------------------------------------------------------------------------------
-# Plots
-
-
-def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
-    """Lay out, write (creating the folder) and close a figure; every plot of the project ends here."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def plot_confusion_matrix(matrix, classes: Sequence[str], path: str | os.PathLike) -> None:
-    cm = np.asarray(matrix, dtype=np.float64)
-    row_sums = cm.sum(1, keepdims=True)
-    normalised = np.divide(cm, row_sums, out=np.zeros_like(cm), where=row_sums > 0)
-    n = len(classes)
-    size = max(5.0, 0.55 * n + 2)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9))
-    ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("Confusion matrix\n(counts; colour = share of the true class)")
-    if n <= 30:
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=8,
-                        color="white" if normalised[i, j] > 0.5 else "black")
-    save_figure(fig, path, dpi=110)
-
-
-def plot_history(history: list[dict] | dict[str, list[dict]], path: str | os.PathLike) -> None:
-    """Loss and accuracy per epoch, train and validation, side by side; for several runs (the
-    models a soup averages), a {name: history} with one pair of lines per run."""
-    runs = history if isinstance(history, dict) else {"": history}
-    runs = {name: records for name, records in runs.items() if records}
-    if not runs:
-        return
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, records in runs.items():
-        epochs = [r["epoch"] for r in records]
-        for split in ("train", "val"):
-            label = f"{name} {split}".strip()
-            ax_loss.plot(epochs, [r[f"{split}_loss"] for r in records], marker="o", label=label)
-            ax_acc.plot(epochs, [r[f"{split}_acc"] for r in records], marker="o", label=label)
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7 if len(runs) > 1 else None)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_sample_grid(samples: list[dict], split: Split, channels: int, path: str | os.PathLike,
-                     columns: int = 8) -> None:
-    """Images with their predictions as titles: green when right, red when wrong."""
-    rows = math.ceil(len(samples) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.8), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, s in zip(axes.flat, samples):
-        image = load_pil(split.items[s["index"]], channels)
-        ax.imshow(image, cmap="gray" if channels == 1 else None)
-        right = s["predicted"] == s["true"]
-        label = f"{s['predicted']} ({s['p']:.0%})" if right else f"{s['predicted']} ({s['p']:.0%})\nnot {s['true']}"
-        ax.set_title(label, fontsize=7, color="green" if right else "red")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m classifier.evaluate BUNDLE`: the command line lives in evaluate_cli."""
-    from classifier.evaluate_cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

@@ -31,6 +31,7 @@ import torch
 from torch.nn import functional as F
 
 from classifier import distributed
+from classifier.errors import DataError
 
 FLIP_MODES = ("alternate", "random", "none")
 # The share of free accelerator memory the data may take; the rest is the model's and the batches'.
@@ -226,8 +227,6 @@ def use_memory_loader(mode: str, data, device: torch.device | str) -> bool:
     "auto" takes it when every split was decoded into memory (data.materialize_small does that for
     small images) and fits on the device; "memory" insists, and says why it cannot.
     """
-    from classifier.data import DataError
-
     if mode not in LOADER_MODES:
         raise ValueError(f"--loader must be one of {LOADER_MODES}, not {mode!r}")
     if mode == "workers":

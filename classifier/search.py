@@ -1,9 +1,9 @@
 """Hyperparameter search: many short trials, a table of results, then the winner trained in full.
 
-    python -m classifier.search --data cifar10 --data-dir cifar10-jpeg.tar.gz --model configurable_cnn \\
+    python -m classifier search --data cifar10 --data-dir cifar10-jpeg.tar.gz --model configurable_cnn \\
         --grid c1=16,32 c2=32,64 l1=128,256 lr=0.01,0.05 batch_size=64,128 --trial-epochs 4
-    python -m classifier.search ... --sampler tpe --trials 30 --grid "lr=1e-3..0.3:log" c1=8..64
-    python -m classifier.search ... --retrain-best --epochs 30      (after, or together with, a search)
+    python -m classifier search ... --sampler tpe --trials 30 --grid "lr=1e-3..0.3:log" c1=8..64
+    python -m classifier search ... --retrain-best --epochs 30      (after, or together with, a search)
 
 A parameter named like a RunConfig field (lr, batch_size, optimizer, weight_decay, image_size, ...)
 sets that field; any other name is a model argument (configurable_cnn's c1, c2, l1). Values are a
@@ -16,45 +16,39 @@ whose validation loss is worse than the median of earlier trials at the same epo
 in OUT/search.db (SQLite) as each one ends, so an interrupted search, run again with the same
 command, skips the trials already done. OUT/results.md and OUT/results.csv rank them by validation
 loss. The test split is never looked at here; --retrain-best trains the winner through the normal
-pipeline (classifier.experiment.run), which evaluates it on test and saves its bundle in OUT/best.
+pipeline (classifier.run.run), which evaluates it on test and saves its bundle in OUT/best.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import itertools
 import json
 import logging
 import math
-import shlex
 import shutil
-import sys
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from classifier.allocator import keep_freed_memory
-from classifier.experiment import (USER_ERRORS, RunConfig, RunResult, load_run_data, prepare, run, summarize,
-                                   train_config)
-from classifier.train import LAST_CHECKPOINT, BEST_WEIGHTS, TrainingDiverged, fit, pick_device
+from classifier.config import RUN_FIELDS, RunConfig, TrainConfig
+from classifier.errors import SearchError, TrainingDiverged
+from classifier.loop import BEST_WEIGHTS, LAST_CHECKPOINT, fit
+from classifier.run import RunResult, load_run_data, prepare, run
+from classifier.runtime import pick_device
 
 log = logging.getLogger(__name__)
 
 STORAGE_FILE = "search.db"
 STUDY_NAME = "search"
-RUN_FIELDS = {f.name for f in fields(RunConfig)}
 # Fields a trial may not vary: they change the data (every trial must see the same split), where
 # things are written, or what --trial-epochs already says.
 FIXED_FIELDS = {"data", "data_dir", "image_dir", "classes", "val_fraction", "test_fraction", "out", "resume",
                 "command", "device", "workers", "epochs", "model_args", "mistakes", "tta", "sync_batchnorm",
                 "recipe", "lr_finder_steps"}
-
-
-class SearchError(ValueError):
-    """A search that cannot run as asked, worded for the user."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,7 +193,7 @@ class SearchConfig:
                 "prune": self.prune}
 
 
-def _optuna():
+def optuna_module():
     try:
         import optuna
     except ImportError as exc:
@@ -208,7 +202,7 @@ def _optuna():
 
 
 def _open_study(config: SearchConfig):
-    optuna = _optuna()
+    optuna = optuna_module()
     config.out.mkdir(parents=True, exist_ok=True)
     seed = config.base.seed
     sampler = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
@@ -253,7 +247,7 @@ def _record(frozen) -> TrialRecord:
 
 def load_records(out: str | Path) -> list[TrialRecord]:
     """Every trial stored in a search folder, in the order they started."""
-    optuna = _optuna()
+    optuna = optuna_module()
     path = Path(out) / STORAGE_FILE
     if not path.exists():
         raise SearchError(f"{out}: no search here (no {STORAGE_FILE})")
@@ -262,7 +256,7 @@ def load_records(out: str | Path) -> list[TrialRecord]:
 
 
 def _run_trial(trial, params: dict, config: SearchConfig, data, device) -> TrialRecord:
-    optuna = _optuna()
+    optuna = optuna_module()
     out = config.out / "trials" / f"{trial.number:04d}"
     cfg = trial_config(config.base, params, out)
     history: list[dict] = []
@@ -278,7 +272,7 @@ def _run_trial(trial, params: dict, config: SearchConfig, data, device) -> Trial
     outcome = "complete"
     try:
         setup = prepare(cfg, device, data=data)
-        fit(setup.model, setup.train_loader, setup.val_loader, train_config(cfg, setup.new_head), out,
+        fit(setup.model, setup.train_loader, setup.val_loader, TrainConfig.from_run(cfg, setup.new_head), out,
             device=device, on_epoch_end=after_epoch)
     except optuna.TrialPruned:
         outcome = "pruned"
@@ -296,7 +290,7 @@ def _run_trial(trial, params: dict, config: SearchConfig, data, device) -> Trial
 
 def _finish(study, trial, record: TrialRecord) -> None:
     """Store the record with the trial, and close the trial with the state Optuna understands."""
-    optuna = _optuna()
+    optuna = optuna_module()
     for key in ("outcome", "val_loss", "val_acc", "best_epoch", "epochs", "seconds", "history"):
         trial.set_user_attr(key, getattr(record, key))
     if record.outcome == "complete":
@@ -317,7 +311,7 @@ def run_search(config: SearchConfig, on_trial_end: Callable[[TrialRecord], None]
         raise SearchError(f"--sampler {config.sampler} needs --trials N")
     target = min(config.trials or len(points), len(points)) if points else config.trials
     study = _open_study(config)
-    optuna = _optuna()
+    optuna = optuna_module()
     device = pick_device(config.base.device)
     keep_freed_memory(device)  # faster CPU steps for every trial: see classifier/allocator.py
     data = None  # loaded once, when the first trial needs it; every trial shares the split
@@ -416,108 +410,8 @@ def retrain_best(config: SearchConfig, epochs: int, patience: int | None = None,
     best = best_record(records if records is not None else load_records(config.out))
     cfg = trial_config(config.base, best.params, config.out / "best")
     cfg = replace(cfg, epochs=epochs, patience=patience,
-                  command=f"{config.base.command or 'python -m classifier.search'}  (best trial {best.number})")
+                  command=f"{config.base.command or 'python -m classifier search'}  (best trial {best.number})")
     best_dir = config.out / "best"
     if best_dir.exists():
         shutil.rmtree(best_dir)  # a previous retraining's checkpoint must not be resumed by accident
     return best, run(cfg)
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m classifier.search", description=__doc__.split("\n")[0],
-                                epilog="example: --grid c1=16,32 c2=32,64 l1=128,256 lr=0.01,0.05 batch_size=64,128",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = RunConfig()
-    g = p.add_argument_group("data and model (shared by every trial)")
-    g.add_argument("--data", required=True, help="cifar10, fashion-mnist, an image folder, a .tar.gz of one, or a CSV")
-    g.add_argument("--data-dir", default=None)
-    g.add_argument("--image-dir", default=None)
-    g.add_argument("--classes", default=None, help="comma-separated subset of classes")
-    g.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    g.add_argument("--test-fraction", type=float, default=d.test_fraction)
-    g.add_argument("--model", default="configurable_cnn")
-    g.add_argument("--model-args", type=json.loads, default={}, help="JSON of fixed model arguments")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE",
-                   help="fixed settings for every trial, e.g. optimizer=adamw weight_decay=0.01 lr=0.002")
-    g = p.add_argument_group("search")
-    g.add_argument("--grid", "--space", dest="space", nargs="+", required=True, metavar="NAME=VALUES",
-                   help="parameters: name=v1,v2,... or (tpe/random) name=low..high[:log]")
-    g.add_argument("--sampler", choices=["grid", "tpe", "random"], default="grid")
-    g.add_argument("--trials", type=int, default=None, help="finished trials to reach (default: the whole grid)")
-    g.add_argument("--trial-epochs", type=int, default=5, help="epochs per trial, at most")
-    g.add_argument("--patience", type=int, default=2, help="a trial stops after this many epochs without a better val loss")
-    g.add_argument("--prune", action=argparse.BooleanOptionalAction, default=True,
-                   help="stop trials worse than the median of earlier ones at the same epoch (Optuna MedianPruner)")
-    g = p.add_argument_group("retraining the winner")
-    g.add_argument("--retrain-best", action="store_true", help="after the search, train the best trial for --epochs")
-    g.add_argument("--epochs", type=int, default=30, help="epochs for --retrain-best")
-    g = p.add_argument_group("running")
-    g.add_argument("--out", default="runs/search", help="search.db, results.md/.csv, trials/, and best/ (the bundle)")
-    g.add_argument("--device", default=d.device)
-    g.add_argument("--workers", type=int, default=d.workers)
-    return p
-
-
-def config_from_args(args: argparse.Namespace, command: str | None = None) -> SearchConfig:
-    fixed = {}
-    for item in args.set:
-        name, sep, value = item.partition("=")
-        name = name.strip().replace("-", "_")
-        if not sep or name not in RUN_FIELDS or name in FIXED_FIELDS:
-            raise SearchError(f"--set {item}: expected NAME=VALUE with NAME a training setting such as lr, "
-                              f"batch_size, optimizer, weight_decay, schedule, image_size")
-        fixed[name] = parse_value(value)
-    if fixed.get("lr") == "auto":
-        raise SearchError("--set lr=auto: every trial would run its own range test; give a number, or search lr")
-    base = RunConfig(data=args.data, data_dir=args.data_dir, image_dir=args.image_dir,
-                     classes=[c.strip() for c in args.classes.split(",")] if args.classes else None,
-                     val_fraction=args.val_fraction, test_fraction=args.test_fraction, model=args.model,
-                     model_args=args.model_args, seed=args.seed, epochs=args.trial_epochs, patience=args.patience,
-                     device=args.device, workers=args.workers, mistakes=50, command=command)
-    base = replace(base, **fixed)
-    return SearchConfig(base=base, space=parse_space(args.space), sampler=args.sampler, trials=args.trials,
-                        prune=args.prune, out=Path(args.out))
-
-
-def _describe(record: TrialRecord) -> str:
-    params = " ".join(f"{k}={v}" for k, v in record.params.items())
-    result = (f"val loss {record.val_loss:.4f} acc {record.val_acc:.4f} (epoch {record.best_epoch}/{record.epochs})"
-              if record.val_loss is not None else "no epoch finished")
-    return f"trial {record.number:>3}  {record.outcome:<8}  {params}  {result}  {record.seconds:.0f}s"
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    log.setLevel(logging.INFO)
-    command = "python -m classifier.search " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    try:
-        config = config_from_args(args, command)
-        _optuna().logging.set_verbosity(_optuna().logging.WARNING)  # our own line per trial says more
-        records = run_search(config, on_trial_end=lambda r: print(_describe(r), flush=True))
-        print()
-        print(results_markdown(records, list(config.space)), end="")
-        print(f"\nresults: {config.out / 'results.md'}, {config.out / 'results.csv'}")
-        if args.retrain_best:
-            logging.getLogger("classifier").setLevel(logging.INFO)  # the epochs of the real run, as finetune shows them
-            best, result = retrain_best(config, args.epochs, records=records)
-            print(f"\nretrained trial {best.number} ({' '.join(f'{k}={v}' for k, v in best.params.items())}) "
-                  f"for {args.epochs} epochs")
-            print(summarize(result))
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; run the same command again to continue (finished trials are in {args.out})",
-              file=sys.stderr)
-        return 130
-    except (*USER_ERRORS, SearchError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

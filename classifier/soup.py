@@ -1,4 +1,4 @@
-"""`python -m classifier.soup`: one model whose weights are the average of several.
+"""Model soups: one model whose weights are the average of several (`python -m classifier soup`).
 
 A model soup (Wortsman et al., 2022, https://arxiv.org/abs/2203.05482): models fine-tuned from the
 same weights with different settings (another stage with CutMix, say) stay in one basin of the
@@ -9,30 +9,29 @@ averages bundles (or a run's last checkpoint) and makes the result a bundle agai
 An ingredient is a bundle folder, or a run's OUT/last.pt: its final epoch, which its bundle may not
 hold (a bundle keeps the epoch of lowest validation loss); the run's OUT/bundle then says what the
 run was. The soup is written as a bundle and evaluated as training evaluates
-(`python -m classifier.evaluate --write`), so its figures are measured, none inherited.
+(classifier.reevaluate, as `python -m classifier evaluate --write`), so its figures are measured,
+none inherited.
 
-    python -m classifier.soup runs/a/bundle runs/b/last.pt --out runs/soup --tta flip
+    python -m classifier soup runs/a/bundle runs/b/last.pt --out runs/soup --tta flip
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shlex
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from classifier.bundle import EVAL_DIR, Bundle, BundleError, library_versions, load_bundle, save_bundle, stage_record
-from classifier.evaluate import CURVES_FILE, HISTORY_FILE, plot_history
-from classifier.evaluate_cli import DATA_FIELDS
-from classifier.experiment import RUN_BUNDLE_DIR
-from classifier.train import LAST_CHECKPOINT
-from classifier.tta import TTA_MODES
+from classifier.bundle import (CURVES_PNG, EVAL_DIR, HISTORY_FILE, Bundle, library_versions, load_bundle, save_bundle,
+                               stage_record)
+from classifier.errors import BundleError
+from classifier.loop import LAST_CHECKPOINT
+from classifier.plots import plot_history
+from classifier.reevaluate import DATA_FIELDS
+from classifier.run import RUN_BUNDLE_DIR
 
 # The fields of a run's `training` record that its evaluation reads again: which data, split how,
 # and with which precision; the optimiser settings of one ingredient would misdescribe the soup.
@@ -143,44 +142,5 @@ def make_soup(locations: list[str], out: str | os.PathLike, command: str) -> Pat
     # evaluation that follows writes the rest of eval/ and leaves this plot).
     (Path(out) / EVAL_DIR).mkdir()
     plot_history({f"{n}: {short_name(i.record['bundle'])}": i.history for n, i in enumerate(ingredients, start=1)},
-                 Path(out) / EVAL_DIR / CURVES_FILE)
+                 Path(out) / EVAL_DIR / CURVES_PNG)
     return Path(out)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m classifier.soup", description=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("ingredients", nargs="+", help="bundle folders, or runs' OUT/last.pt checkpoints")
-    p.add_argument("--out", required=True, help="the folder of the new bundle")
-    p.add_argument("--tta", choices=list(TTA_MODES), default="none", help="test-time augmentation of its evaluation")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass of the evaluation")
-    p.add_argument("--loader", choices=["auto", "memory", "workers"], default="auto")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from classifier import evaluate_cli
-    from classifier.hub import HubError
-
-    argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
-    # Neither an ingredient nor the bundle of a checkpoint's run may be written over.
-    taken = {(run_bundle_of(i) or Path(i)).resolve() for i in args.ingredients}
-    if Path(args.out).resolve() in taken:
-        print(f"error: --out {args.out} is one of the ingredients (or a checkpoint's run bundle); name a new folder",
-              file=sys.stderr)
-        return 2
-    try:
-        out = make_soup(args.ingredients, args.out, "python -m classifier.soup " + shlex.join(argv))
-    except (BundleError, HubError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote the average of {len(args.ingredients)} models to {out}; evaluating it")
-    return evaluate_cli.main([str(out), "--tta", args.tta, "--write", "--batch-size", str(args.batch_size),
-                              "--loader", args.loader, "--workers", str(args.workers), "--device", args.device])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -55,6 +55,13 @@ def make_image_folder(root: Path, per_class: int = 20, size: int = 32, splits: t
     return root
 
 
+def preprocessing(size: int, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct: float = 1.0,
+                  interpolation: str = "bilinear") -> dict:
+    """A pretrained_cfg's preprocessing (what classifier.transforms builds transforms from)."""
+    return {"input_size": (len(mean), size, size), "mean": tuple(mean), "std": tuple(std), "crop_pct": crop_pct,
+            "interpolation": interpolation}
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "shapes", per_class=20)
@@ -78,7 +85,8 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
     """A bundle of a small fast_cnn trained for 3 epochs on generated shapes (a few seconds)."""
-    from classifier.experiment import RunConfig, run
+    from classifier.config import RunConfig
+    from classifier.run import run
 
     base = tmp_path_factory.mktemp("tiny")
     os.environ["CLASSIFIER_CACHE"] = str(base / "cache")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from classifier import demo as logic
+from classifier import app_logic as logic
 from classifier.predict import Predictor
 from conftest import draw_shape
 

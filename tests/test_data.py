@@ -10,9 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from classifier.data import (DataError, ImageDataset, build_transform, channel_stats, collate_skipping_broken,
-                             Split, load_data, materialize, materialize_small, stratified_split)
-from tests.conftest import CLASSES, make_image_folder
+from classifier.data import (ImageDataset, Split, channel_stats, collate_skipping_broken, load_data, materialize,
+                             materialize_small, stratified_split)
+from classifier.errors import DataError
+from classifier.transforms import eval_transform, train_transform
+from tests.conftest import CLASSES, make_image_folder, preprocessing
 
 
 def test_flat_folder_is_split_stratified_and_reproducible(image_folder):
@@ -79,7 +81,7 @@ def test_all_common_formats_sizes_and_modes(tmp_path):
             make().save(root / cls / name)
     data = load_data(str(root), val_fraction=0.0, test_fraction=0.3)
     assert len(data.train) + len(data.test) == 14 and not data.skipped
-    transform = build_transform(32, (0.5,) * 3, (0.5,) * 3, train=True, small=True)
+    transform = train_transform(preprocessing(32), small=True)
     dataset = ImageDataset(data.train, transform)
     for i in range(len(dataset)):
         x, y, index = dataset[i]
@@ -105,7 +107,7 @@ def test_image_truncated_after_scan_is_skipped_in_the_batch(tmp_path, caplog):
     victim = data.train.items[0]
     content = open(victim, "rb").read()
     open(victim, "wb").write(content[: len(content) // 3])  # header still parses, pixels do not
-    dataset = ImageDataset(data.train, build_transform(32, (0.5,) * 3, (0.5,) * 3, train=False, small=True))
+    dataset = ImageDataset(data.train, eval_transform(preprocessing(32)))
     with caplog.at_level(logging.WARNING):
         batch = collate_skipping_broken([dataset[i] for i in range(len(dataset))])
     assert batch[0].shape[0] == len(dataset) - 1 and 0 not in batch[2].tolist()
@@ -224,10 +226,10 @@ def test_materialize_passes_an_empty_split_and_names_a_split_it_cannot_read(tmp_
 
 def test_transforms_augment_only_for_training():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
-    train = build_transform(32, (0.5,) * 3, (0.5,) * 3, train=True, small=True)
-    evaluation = build_transform(32, (0.5,) * 3, (0.5,) * 3, train=False, small=True)
+    train = train_transform(preprocessing(32), small=True)
+    evaluation = eval_transform(preprocessing(32))
     assert torch.equal(evaluation(image), evaluation(image))
     torch.manual_seed(0)
     assert any(not torch.equal(train(image), evaluation(image)) for _ in range(5))
-    photo = build_transform(64, (0.5,) * 3, (0.5,) * 3, train=False, small=False, crop_pct=0.875)
+    photo = eval_transform(preprocessing(64, crop_pct=0.875))
     assert photo(image.resize((200, 120))).shape == (3, 64, 64)

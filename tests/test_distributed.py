@@ -169,9 +169,9 @@ CRASH_ONCE = """
 import os, runpy, signal, sys
 sys.path.insert(0, {repo!r})
 import torch.distributed as dist
-import classifier.experiment as experiment
+import classifier.run as run_module
 
-real_fit = experiment.fit
+real_fit = run_module.fit
 
 def fit(*args, on_epoch_end=None, **kwargs):
     def maybe_crash(record):
@@ -185,7 +185,7 @@ def fit(*args, on_epoch_end=None, **kwargs):
                 os.kill(os.getpid(), signal.SIGKILL)
     return real_fit(*args, on_epoch_end=maybe_crash, **kwargs)
 
-experiment.fit = fit
+run_module.fit = fit
 sys.argv = [{finetune!r}, *sys.argv[1:]]
 runpy.run_path({finetune!r}, run_name="__main__")
 """
@@ -256,21 +256,22 @@ class _Numbers(torch.utils.data.Dataset):
 
 @pytest.mark.parametrize("n, world", [(50, 2), (48, 4), (33, 2)])
 def test_run_loaders_give_each_rank_its_share_of_the_same_global_batches(monkeypatch, n, world):
-    """experiment._loader (the DataLoader path): training batches of batch/N per rank that together
+    """run._loader (the DataLoader path): training batches of batch/N per rank that together
     are the one-process batches, the same number of steps on every rank; evaluation shards that
     hold every sample once. With 33 samples on 2 ranks, the one repeat that evens out the shards
     falls in the partial last batch, which is dropped: it only shows where padding would complete
     one more batch (47 samples, batch 16, 4 ranks: 3 steps instead of 2)."""
-    from classifier import experiment
+    from classifier import run as run_module
+    from classifier.config import RunConfig
 
-    cfg = experiment.RunConfig(workers=0, seed=5)
+    cfg = RunConfig(workers=0, seed=5)
     dataset, batch = _Numbers(n), 16
 
     def indices(rank: int, replicas: int, train: bool) -> list[list[int]]:
         monkeypatch.setattr(distributed, "world_size", lambda: replicas)
         monkeypatch.setattr(distributed, "rank", lambda: rank)
         size = batch // replicas if train else 2 * batch // replicas
-        loader = experiment._loader(dataset, size, train=train, cfg=cfg, device=torch.device("cpu"))
+        loader = run_module._loader(dataset, size, train=train, cfg=cfg, device=torch.device("cpu"))
         if train:
             loader.sampler.set_epoch(1)
         return [b[2].tolist() for b in loader]

@@ -1,4 +1,4 @@
-"""python -m classifier.evaluate: a bundle evaluated again, as training did, and optionally made its own."""
+"""python -m classifier evaluate: a bundle evaluated again, as training did, and optionally made its own."""
 
 import json
 import shutil
@@ -6,8 +6,8 @@ import shutil
 import pytest
 
 from classifier.bundle import load_bundle
-from classifier.demo import model_summary
-from classifier.evaluate import main
+from classifier.app_logic import model_summary
+from classifier.cli.evaluate import main
 from classifier.predict import Predictor
 from tests.conftest import make_image_folder
 
@@ -44,7 +44,7 @@ def test_write_makes_a_tta_evaluation_the_bundles_own(tiny_bundle, tmp_path, cap
     assert config["metrics"]["accuracy"] == metrics["accuracy"]
     # What describes training is carried over; how it was evaluated is recorded.
     assert metrics["epochs_trained"] == trained["epochs_trained"] and metrics["train_seconds"] == trained["train_seconds"]
-    assert config["evaluation_command"].startswith("python -m classifier.evaluate ") and "--tta flip" in config["evaluation_command"]
+    assert config["evaluation_command"].startswith("python -m classifier evaluate ") and "--tta flip" in config["evaluation_command"]
     assert config["command"] == read(tiny_bundle, "config.json")["classifier"]["command"]
     # The earlier evaluation's mistakes are gone, not left beside the new ones.
     assert len(read(bundle, "eval/mistakes.json")) == len(list((bundle / "eval" / "mistakes").iterdir())) <= 3
@@ -52,7 +52,7 @@ def test_write_makes_a_tta_evaluation_the_bundles_own(tiny_bundle, tmp_path, cap
     assert load_bundle(bundle).tta == "flip" and Predictor(bundle).tta == "flip"
     card = (bundle / "README.md").read_text()
     assert "mode `flip`" in card and config["evaluation_command"] in card
-    assert "| Evaluation command | `python -m classifier.evaluate " in model_summary(load_bundle(bundle), str(bundle))
+    assert "| Evaluation command | `python -m classifier evaluate " in model_summary(load_bundle(bundle), str(bundle))
 
 
 def test_data_with_other_classes_is_one_error_line(tiny_bundle, tmp_path, capsys):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from classifier.experiment import RunConfig, apply_recipe
+from classifier.config import RunConfig, apply_recipe
 from classifier.models import create_model
 from classifier.tta import TTA, TTA_MODES, tta_logits, tta_mode
 
@@ -122,13 +122,8 @@ def test_the_fast_recipe_fills_only_what_the_user_left_out():
 
 
 def test_the_command_line_fills_fast_cnns_options_from_the_recipe():
-    import importlib.util
-    from pathlib import Path
+    from classifier.cli import train as finetune
 
-    path = Path(__file__).resolve().parents[1] / "training" / "finetune.py"
-    spec = importlib.util.spec_from_file_location("finetune_for_test", path)
-    finetune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(finetune)
     parser = finetune.build_parser()
 
     def config(*argv):

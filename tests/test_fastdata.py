@@ -7,10 +7,12 @@ from PIL import Image
 from torch.nn import functional as F
 from torchvision import transforms as T
 
-from classifier.data import DataError, load_data, materialize_small
+from classifier.data import load_data, materialize_small
+from classifier.errors import DataError
 from classifier.fastdata import DeviceLoader, fits_on_device, memory_loaders, use_memory_loader
 from classifier.models import create_model
-from classifier.train import LAST_CHECKPOINT, TrainConfig, fit
+from classifier.config import TrainConfig
+from classifier.loop import LAST_CHECKPOINT, fit
 from tests.conftest import make_image_folder
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
@@ -205,7 +207,8 @@ def test_the_memory_path_is_chosen_for_data_held_in_memory(shapes, tmp_path):
 
 
 def test_a_run_takes_the_memory_path_by_itself(shapes, tmp_path):
-    from classifier.experiment import RunConfig, prepare
+    from classifier.config import RunConfig
+    from classifier.run import prepare
 
     cfg = RunConfig(data="unused", model="fast_cnn", model_args={"widths": [8, 16]}, batch_size=16,
                     out=str(tmp_path))

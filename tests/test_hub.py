@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -35,7 +34,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from classifier import hub
+from classifier import hub, publish
+from classifier.cli import pull as pull_cli
+from classifier.cli import push as push_cli
+from classifier.cli import train as finetune_cli
 from classifier.bundle import BundleError, load_bundle, make_config, save_bundle
 from classifier.model_card import GENERATED_MARKER, render_model_card, write_model_card
 from classifier.models import create_model
@@ -375,7 +377,7 @@ def test_a_card_without_a_config_is_a_clear_error(tmp_path):
 
 
 def test_only_the_bundle_files_are_uploaded(bundle, tiny_bundle):
-    files = hub.files_to_upload(bundle)
+    files = publish.files_to_upload(bundle)
     assert files == expected_upload(tiny_bundle)
     assert not any(f.endswith((".pt", ".pth", ".pkl", ".tmp")) or f.startswith((".git", ".cache")) for f in files)
     assert "notes.txt" not in files
@@ -413,7 +415,7 @@ def test_timm_loads_a_backbone_bundle_with_local_dir(backbone_bundle):
 
 
 def test_push_uploads_exactly_the_bundle(fake_hub, bundle, tiny_bundle):
-    result = hub.push_bundle(bundle, "alice/shapes-cnn", private=True, revision="v1")
+    result = publish.push_bundle(bundle, "alice/shapes-cnn", private=True, revision="v1")
 
     repo = fake_hub.repos["alice/shapes-cnn"]
     assert repo["private"] and set(repo["branches"]) == {"main", "v1"}
@@ -432,29 +434,29 @@ def test_push_uploads_exactly_the_bundle(fake_hub, bundle, tiny_bundle):
 
 
 def test_a_second_push_replaces_the_evaluation(fake_hub, bundle):
-    hub.push_bundle(bundle, "alice/shapes-cnn")
+    publish.push_bundle(bundle, "alice/shapes-cnn")
     (bundle / "eval" / "samples.png").unlink()  # a newer run has fewer files in eval/
     metrics = json.loads((bundle / "eval" / "metrics.json").read_text())
     (bundle / "eval" / "metrics.json").write_text(json.dumps({**metrics, "accuracy": 0.5}))
-    hub.push_bundle(bundle, "alice/shapes-cnn", commit_message="retrained")
+    publish.push_bundle(bundle, "alice/shapes-cnn", commit_message="retrained")
 
     second = fake_hub.commits[-1]
     assert second["summary"] == "retrained" and second["deleted"] == ["eval/samples.png"]
     assert set(second["added"]) == {"eval/metrics.json", "README.md"}  # unchanged files are not sent again
     remote = fake_hub.files_at("alice/shapes-cnn")
     assert remote == {".gitattributes": b"*.safetensors filter=lfs\n"} | {
-        path: (bundle / path).read_bytes() for path in hub.files_to_upload(bundle)}
+        path: (bundle / path).read_bytes() for path in publish.files_to_upload(bundle)}
 
 
 def test_a_hand_edited_card_is_pushed_as_it_is(fake_hub, bundle):
     (bundle / "README.md").write_text("---\nlicense: mit\n---\n# My own words\n")
-    hub.push_bundle(bundle, "alice/shapes-cnn")
+    publish.push_bundle(bundle, "alice/shapes-cnn")
     assert fake_hub.commits[0]["added"]["README.md"] == b"---\nlicense: mit\n---\n# My own words\n"
 
 
 def test_pushed_bundles_pull_back_identical(fake_hub, bundle, backbone_bundle, tmp_path):
-    hub.push_bundle(bundle, "alice/shapes-cnn", revision="v1")
-    hub.push_bundle(shutil.copytree(backbone_bundle, tmp_path / "backbone"), "alice/tiny-resnet")
+    publish.push_bundle(bundle, "alice/shapes-cnn", revision="v1")
+    publish.push_bundle(shutil.copytree(backbone_bundle, tmp_path / "backbone"), "alice/tiny-resnet")
 
     for location, revision, local, shape in (("alice/shapes-cnn", "v1", bundle, (3, 32, 32)),
                                              ("hf-hub:alice/tiny-resnet", None, backbone_bundle, (3, 64, 64))):
@@ -470,7 +472,7 @@ def test_pushed_bundles_pull_back_identical(fake_hub, bundle, backbone_bundle, t
 def test_pull_of_a_missing_repository_or_revision_is_clear(fake_hub, bundle):
     with pytest.raises(hub.HubError, match="no such model repository"):
         load_bundle("alice/nothing-here")
-    hub.push_bundle(bundle, "alice/shapes-cnn")
+    publish.push_bundle(bundle, "alice/shapes-cnn")
     with pytest.raises(hub.HubError, match="has no revision 'v9'"):
         load_bundle("alice/shapes-cnn", revision="v9")
 
@@ -501,12 +503,12 @@ def test_a_rejected_push_keeps_the_bundle_and_never_shows_the_token(token, monke
         point_hub_client_at(monkeypatch, tmp_path / "hf-home", fake.endpoint, token)
         fake.reject = (403, "token in '{auth}' may not write to alice")  # a server quoting the header
         with pytest.raises(hub.HubError) as caught:
-            hub.push_bundle(bundle, "alice/shapes-cnn")
+            publish.push_bundle(bundle, "alice/shapes-cnn")
     error = caught.value
     message = str(error)
     assert "403" in message and "may not write" in message
     assert f"The local bundle at {bundle} is intact" in message
-    assert f"python -m classifier.hub push {bundle} alice/shapes-cnn" in message
+    assert f"python -m classifier push {bundle} alice/shapes-cnn" in message
     assert error.__cause__ is None and error.__context__ is None  # the Hub's error holds the request headers
     out = capsys.readouterr()
     assert_token_nowhere(token, message, "".join(traceback.format_exception(error)), out.out, out.err,
@@ -519,17 +521,17 @@ def test_no_token_offline_or_no_network_say_so_before_anything_is_sent(monkeypat
 
     point_hub_client_at(monkeypatch, tmp_path / "hf-home", "http://127.0.0.1:9", token=None)
     with pytest.raises(hub.HubError, match="no Hugging Face token: set HF_TOKEN") as caught:
-        hub.push_bundle(bundle, "alice/shapes-cnn")
+        publish.push_bundle(bundle, "alice/shapes-cnn")
     assert "is intact" in str(caught.value)
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(hub.HubError, match="HF_HUB_OFFLINE is set"):
-        hub.push_bundle(bundle, "alice/shapes-cnn")
+        publish.push_bundle(bundle, "alice/shapes-cnn")
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # port 9 on 127.0.0.1: nobody listens
     with pytest.raises(hub.HubError, match=r"cannot reach http://127.0.0.1:9 .*is intact"):
-        hub.push_bundle(bundle, "alice/shapes-cnn")
+        publish.push_bundle(bundle, "alice/shapes-cnn")
 
 
 def test_bad_repo_ids_and_missing_bundles_are_refused(tmp_path):
@@ -538,7 +540,7 @@ def test_bad_repo_ids_and_missing_bundles_are_refused(tmp_path):
             hub.validate_repo_id(bad)
     assert hub.validate_repo_id("hf-hub:alice/cifar10.fast_cnn-v2") == "alice/cifar10.fast_cnn-v2"
     with pytest.raises(BundleError, match="no such bundle folder"):
-        hub.push_bundle(tmp_path / "runs" / "nothing", "alice/x")
+        publish.push_bundle(tmp_path / "runs" / "nothing", "alice/x")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -546,28 +548,25 @@ def test_bad_repo_ids_and_missing_bundles_are_refused(tmp_path):
 
 
 def test_hub_command_line_push_and_pull(fake_hub, bundle, capsys):
-    assert hub.main(["push", str(bundle), "alice/shapes-cnn", "--private", "--message", "first"]) == 0
+    assert push_cli.main([str(bundle), "alice/shapes-cnn", "--private", "--message", "first"]) == 0
     out = capsys.readouterr().out
-    assert f"pushed {len(hub.files_to_upload(bundle))} files to {fake_hub.endpoint}/alice/shapes-cnn" in out
+    assert f"pushed {len(publish.files_to_upload(bundle))} files to {fake_hub.endpoint}/alice/shapes-cnn" in out
     assert fake_hub.commits[0]["summary"] == "first" and fake_hub.repos["alice/shapes-cnn"]["private"]
 
-    assert hub.main(["pull", "alice/shapes-cnn"]) == 0
+    assert pull_cli.main(["alice/shapes-cnn"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("fast_cnn: 3 classes, test accuracy ")
     assert (Path(lines[1]) / "model.safetensors").is_file()
 
 
 def load_finetune():
-    spec = importlib.util.spec_from_file_location("finetune_under_test", ROOT / "training" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return finetune_cli
 
 
 @pytest.mark.filterwarnings("ignore:Unable to enable fault handler")  # torchrun's @record under pytest
 def test_finetune_pushes_after_training_and_keeps_results_when_the_push_fails(fake_hub, bundle, monkeypatch,
                                                                              capsys):
-    from classifier.experiment import RunResult
+    from classifier.run import RunResult
 
     finetune = load_finetune()
     runs = []
@@ -604,15 +603,15 @@ def run_python(code: str, env: dict, tmp_path: Path) -> subprocess.CompletedProc
 
 
 def test_a_fresh_process_pushes_with_env_vars_and_never_prints_the_token(tmp_path, bundle):
-    """`python -m classifier.hub push` with HF_ENDPOINT and HF_TOKEN set as a user would: rejected by
-    a server that quotes the Authorization header back, it exits 1 and says the bundle is intact."""
+    """`python -m classifier push` with HF_ENDPOINT and HF_TOKEN set as a user would: rejected by
+    a server that quotes the Authorization header back, it exits 2 and says the bundle is intact."""
     with FakeHub(TOKEN) as fake:
         fake.reject = (403, "token in '{auth}' may not write to alice")
-        done = run_python(f"from classifier.hub import main; raise SystemExit(main(['push', {str(bundle)!r}, "
+        done = run_python(f"from classifier.cli import main; raise SystemExit(main(['push', {str(bundle)!r}, "
                           "'alice/shapes-cnn']))",
                           {"HF_ENDPOINT": fake.endpoint, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0"}, tmp_path)
         assert ("POST", "/api/repos/create") in fake.requests  # it did reach the server
-    assert done.returncode == 1, done.stderr
+    assert done.returncode == 2, done.stderr
     assert "may not write" in done.stderr and f"The local bundle at {bundle} is intact" in done.stderr
     assert_token_nowhere(TOKEN, done.stdout, done.stderr, folders=(tmp_path,))
 
@@ -621,8 +620,8 @@ def test_offline_loading_from_the_hub_cache(fake_hub, bundle, backbone_bundle, t
     """Pushed, pulled once into HF_HUB_CACHE; then, in a fresh process with HF_HUB_OFFLINE=1 and no
     reachable endpoint, load_bundle and plain timm (before `classifier` is even imported for the
     timm backbone) load both models with the same outputs as the local bundles."""
-    hub.push_bundle(bundle, "alice/shapes-cnn", revision="v1")
-    hub.push_bundle(shutil.copytree(backbone_bundle, tmp_path / "backbone"), "alice/tiny-resnet")
+    publish.push_bundle(bundle, "alice/shapes-cnn", revision="v1")
+    publish.push_bundle(shutil.copytree(backbone_bundle, tmp_path / "backbone"), "alice/tiny-resnet")
     load_bundle("alice/shapes-cnn", revision="v1")
     load_bundle("alice/tiny-resnet")  # both now in the cache, as after any online use
 
@@ -669,10 +668,10 @@ def test_offline_without_the_files_in_the_cache_says_so(fake_hub, monkeypatch):
 def test_finetune_init_from_a_hub_id_pins_the_commit_it_read(fake_hub, bundle, tiny_bundle):
     """--init-from owner/name reads the config to learn the architecture; the weights must come
     from that same commit even if the repository moves on before they are loaded."""
-    from classifier.experiment import prepare
-    from classifier.train import pick_device
+    from classifier.run import prepare
+    from classifier.runtime import pick_device
 
-    hub.push_bundle(bundle, "alice/shapes-cnn")
+    publish.push_bundle(bundle, "alice/shapes-cnn")
     first_commit = fake_hub.commits[-1]["oid"]
     finetune = load_finetune()
     parser = finetune.build_parser()
@@ -683,7 +682,7 @@ def test_finetune_init_from_a_hub_id_pins_the_commit_it_read(fake_hub, bundle, t
     # A newer push with other weights lands before training loads them.
     state = load_file(bundle / "model.safetensors")
     save_file({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, bundle / "model.safetensors")
-    hub.push_bundle(bundle, "alice/shapes-cnn", commit_message="newer")
+    publish.push_bundle(bundle, "alice/shapes-cnn", commit_message="newer")
     assert fake_hub.commits[-1]["oid"] != first_commit
     setup = prepare(cfg, pick_device("cpu"))
     loaded = setup.model.state_dict()

@@ -9,8 +9,9 @@ from safetensors.torch import load_file
 import shutil
 
 from classifier.bundle import BundleError, lineage, load_bundle, stage_record
-from classifier.demo import model_summary
-from classifier.experiment import RunConfig, prepare, train_config
+from classifier.app_logic import model_summary
+from classifier.config import RunConfig, TrainConfig
+from classifier.run import prepare
 from tests.test_finetune_cli import finetune
 
 
@@ -26,10 +27,10 @@ def test_the_same_classes_start_from_the_whole_bundle(tiny_bundle, one_torch_thr
     assert saved.keys() == state.keys()
     assert all(torch.equal(state[k], v) for k, v in saved.items())
     assert not setup.new_head
-    fit_cfg = train_config(cfg, setup.new_head)
+    fit_cfg = TrainConfig.from_run(cfg, setup.new_head)
     assert fit_cfg.freeze_epochs == 0 and fit_cfg.backbone_lr_scale == 1.0  # nothing new to protect the body from
     pcfg = json.loads((tiny_bundle / "config.json").read_text())["pretrained_cfg"]
-    assert setup.data_config["mean"] == pytest.approx(pcfg["mean"])  # normalised as the weights were trained
+    assert setup.pretrained_cfg["mean"] == pytest.approx(pcfg["mean"])  # normalised as the weights were trained
     assert setup.model_args == {"widths": [16, 32, 64]}
 
 
@@ -47,7 +48,7 @@ def test_other_classes_keep_the_body_under_a_new_zero_head(tiny_bundle, one_torc
     state = setup.model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in saved.items() if k not in head_keys)
     assert setup.new_head
-    fit_cfg = train_config(cfg, setup.new_head)
+    fit_cfg = TrainConfig.from_run(cfg, setup.new_head)
     assert fit_cfg.freeze_epochs == 1 and fit_cfg.backbone_lr_scale == 0.1
 
 

@@ -12,8 +12,11 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from classifier.lr_finder import LRFinderError, lr_range_test, main, plot_lr_finder, suggest
-from classifier.train import TrainConfig
+from classifier.cli.lr_find import main
+from classifier.config import TrainConfig
+from classifier.errors import LRFinderError
+from classifier.lr_finder import lr_range_test, suggest
+from classifier.plots import plot_lr_finder
 
 
 def _separable_loader(n: int = 256, batch_size: int = 32, seed: int = 0, label_noise: float = 0.0) -> DataLoader:
@@ -139,12 +142,8 @@ def test_command_line_reports_a_bad_model(image_folder, tmp_path, capsys):
 
 def test_finetune_lr_auto_uses_the_suggestion(image_folder, tmp_path):
     """--lr auto: the finder runs first, fit trains at its suggestion, the bundle records both."""
-    import importlib.util
-    from pathlib import Path
+    from classifier.cli import train as finetune
 
-    spec = importlib.util.spec_from_file_location("finetune", Path(__file__).parents[1] / "training" / "finetune.py")
-    finetune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(finetune)
     out = tmp_path / "run"
     code = finetune.main(["--data", str(image_folder), "--model", "tutorial_tanh_cnn", "--epochs", "1",
                           "--batch-size", "16", "--lr", "auto", "--lr-finder-steps", "25", "--workers", "0",

@@ -1,4 +1,4 @@
-"""`python -m classifier.predict`: text, JSON, plots, submissions, and bad images one line each."""
+"""`python -m classifier predict`: text, JSON, plots, submissions, and bad images one line each."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from classifier.predict import main
+from classifier.cli.predict import main
 from tests.conftest import CLASSES, draw_shape
 
 
@@ -108,13 +108,14 @@ def test_bundle_and_argument_errors_are_one_line(tmp_path, images, capsys):
     assert "give image files" in capsys.readouterr().err
 
 
-# Only in-process: this test module imported classifier.predict before runpy runs it as __main__.
-@pytest.mark.filterwarnings("ignore:'classifier.predict' found in sys.modules:RuntimeWarning")
+# Only in-process: the classifier package is imported already when runpy runs it as __main__.
+@pytest.mark.filterwarnings("ignore:'classifier.__main__' found in sys.modules:RuntimeWarning")
 def test_runs_as_a_module(tiny_bundle, images, monkeypatch, capsys):
-    """`python -m classifier.predict ...` (run in this process: a new interpreter costs seconds)."""
-    monkeypatch.setattr(sys, "argv", ["predict", str(tiny_bundle), str(images["triangle"]), "--json", "--top-k", "1"])
+    """`python -m classifier predict ...` (run in this process: a new interpreter costs seconds)."""
+    monkeypatch.setattr(sys, "argv", ["classifier", "predict", str(tiny_bundle), str(images["triangle"]), "--json",
+                                      "--top-k", "1"])
     with pytest.raises(SystemExit) as exit_:
-        runpy.run_module("classifier.predict", run_name="__main__")
+        runpy.run_module("classifier", run_name="__main__")
     assert exit_.value.code == 0
     (entry,) = json.loads(capsys.readouterr().out)
     assert list(entry["predictions"])[0] in CLASSES and len(entry["predictions"]) == 1

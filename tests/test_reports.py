@@ -1,4 +1,4 @@
-"""The dataset, model and sample-prediction reports, as functions and as `python -m classifier.reports`."""
+"""The dataset, model and sample-prediction reports, as functions and as `python -m classifier report`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from PIL import Image
 
 from classifier.bundle import load_bundle
 from classifier.data import load_data
-from classifier.reports.__main__ import main
+from classifier.cli.report import main
 from classifier.reports.dataset import dataset_report
 from classifier.reports.model import comparison_markdown, model_from_name, model_report
-from classifier.reports.samples import load_bundle_data, samples_report
+from classifier.reevaluate import bundle_data, rerun_config
+from classifier.reports.samples import samples_report
 from tests.conftest import make_image_folder
 
 
@@ -107,7 +108,7 @@ def test_model_command_on_a_bundle_with_an_image(tiny_bundle, tmp_path, capsys):
 
 def test_samples_report_rebuilds_the_bundle_test_split(tiny_bundle, tmp_path, capsys):
     bundle = load_bundle(tiny_bundle)
-    data = load_bundle_data(bundle, bundle.project["training"]["data"])
+    data = bundle_data(bundle, rerun_config(bundle, str(tiny_bundle)))
     result = samples_report(bundle, data, tmp_path / "samples.png", count=12)
     # the same split as training evaluated: the same accuracy as the bundle records
     assert result["accuracy"] == pytest.approx(bundle.project["metrics"]["accuracy"], abs=1e-6)
@@ -122,4 +123,4 @@ def test_samples_report_refuses_other_data(tiny_bundle, tmp_path, capsys):
     other = make_image_folder(tmp_path / "other", per_class=3)
     (other / "circle").rename(other / "oval")
     assert main(["samples", str(tiny_bundle), "--data", str(other), "--out", str(tmp_path / "x.png")]) == 2
-    assert "is this the data it was trained on?" in capsys.readouterr().err
+    assert "are not the bundle's" in capsys.readouterr().err

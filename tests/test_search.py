@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from classifier import search
-from classifier.experiment import RunConfig
+from classifier.cli import search as search_cli
+from classifier.config import RunConfig
 from classifier.search import (SearchConfig, SearchError, grid_points, load_records, parse_param, parse_space,
                                results_markdown, run_search, trial_config)
-from classifier.train import TrainingDiverged
+from classifier.errors import TrainingDiverged
 
 
 def _config(folder: Path, out: Path, space: list[str], **kwargs) -> SearchConfig:
@@ -220,12 +221,12 @@ def test_retrain_best_trains_the_winner_into_a_bundle(image_folder, tmp_path, mo
 
 def test_command_line_end_to_end(image_folder, tmp_path, capsys):
     out = tmp_path / "cli"
-    code = search.main(["--data", str(image_folder), "--model", "configurable_cnn", "--grid", "c1=4",
+    code = search_cli.main(["--data", str(image_folder), "--model", "configurable_cnn", "--grid", "c1=4",
                         "--set", "batch_size=16", "lr=0.05", "--trial-epochs", "1", "--workers", "0",
                         "--no-prune", "--out", str(out)])
     printed = capsys.readouterr()
     assert code == 0, printed.err
     assert printed.out.count("complete") == 2  # the trial's line, and its row in the table
     assert "| rank | trial | c1 | val_loss" in printed.out
-    assert search.main(["--data", str(image_folder), "--grid", "c1=4", "--set", "nonsense=1", "--out", str(out)]) == 2
+    assert search_cli.main(["--data", str(image_folder), "--grid", "c1=4", "--set", "nonsense=1", "--out", str(out)]) == 2
     assert "--set nonsense=1" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from classifier.bundle import load_bundle
-from classifier.demo import EXAMPLES_DIR, MODELS_DIR, PREFERRED_MODELS, default_model, example_images, find_bundles
+from classifier.app_logic import EXAMPLES_DIR, MODELS_DIR, PREFERRED_MODELS, default_model, example_images, find_bundles
 from classifier.model_card import render_model_card
 from classifier.predict import Predictor
 from classifier.tta import tta_mode

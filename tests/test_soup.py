@@ -1,4 +1,4 @@
-"""python -m classifier.soup: the weight average of bundles (or a run's last checkpoint), evaluated."""
+"""python -m classifier soup: the weight average of bundles (or a run's last checkpoint), evaluated."""
 
 import json
 import shutil
@@ -8,10 +8,12 @@ import torch
 from safetensors.torch import load_file
 
 from classifier.bundle import load_bundle
-from classifier.demo import model_summary
-from classifier.experiment import RunConfig, run
+from classifier.app_logic import model_summary
+from classifier.cli.soup import main
+from classifier.config import RunConfig
+from classifier.run import run
 from classifier.predict import Predictor
-from classifier.soup import average_weights, main, short_name
+from classifier.soup import average_weights, short_name
 
 
 def test_average_weights_means_floats_and_keeps_counters_and_dtypes():
@@ -53,8 +55,8 @@ def test_a_soup_is_the_mean_of_its_ingredients_and_is_evaluated(tiny_bundle, sec
     assert metrics["tta"] == project["tta"] == "flip" and project["metrics"]["accuracy"] == metrics["accuracy"]
     assert metrics["num_samples"] == project["num_test"] and "epochs_trained" not in metrics
     assert 0 < metrics["val_accuracy"] <= 1
-    assert project["command"].startswith("python -m classifier.soup ")
-    assert project["evaluation_command"].startswith("python -m classifier.evaluate ")
+    assert project["command"].startswith("python -m classifier soup ")
+    assert project["evaluation_command"].startswith("python -m classifier evaluate ")
     assert "started_from" not in project and "lr" not in project["training"]
     bundle_record, checkpoint_record = project["soup"]["ingredients"]
     assert bundle_record["bundle"] == str(tiny_bundle) and bundle_record["accuracy"] is not None

@@ -1,4 +1,4 @@
-"""classifier.train.fit: learning, schedules, freezing, early stopping, checkpoints, exact resume, NaN."""
+"""classifier.loop.fit: learning, schedules, freezing, early stopping, checkpoints, exact resume, NaN."""
 
 import json
 
@@ -7,10 +7,14 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, DistributedSampler
 
-from classifier.data import ImageDataset, build_transform, collate_skipping_broken, load_data, materialize_small
+from classifier.config import TrainConfig
+from classifier.data import ImageDataset, collate_skipping_broken, load_data, materialize_small
+from classifier.errors import TrainingDiverged
+from classifier.loop import LAST_CHECKPOINT, fit
 from classifier.models import create_model
-from classifier.train import LAST_CHECKPOINT, TrainConfig, TrainingDiverged, autocast_dtype, fit
-from tests.conftest import make_image_folder
+from classifier.runtime import autocast_dtype
+from classifier.transforms import eval_transform, train_transform
+from tests.conftest import make_image_folder, preprocessing
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +25,8 @@ def shapes(tmp_path_factory):
 
 def loaders(data, batch_size=16, augment=True, seed=0):
     def make(split, train):
-        transform = build_transform(32, (0.3,) * 3, (0.3,) * 3, train=train and augment, small=True)
+        pcfg = preprocessing(32, (0.3,) * 3, (0.3,) * 3)
+        transform = train_transform(pcfg, small=True) if train and augment else eval_transform(pcfg)
         dataset = ImageDataset(split, transform)
         sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=train, seed=seed)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_skipping_broken)
@@ -64,7 +69,7 @@ def test_fit_trains_channels_last_on_the_cpu(shapes, tmp_path):
 
 
 def test_mixup_and_cutmix_train_on_mixed_soft_targets(shapes, tmp_path, monkeypatch):
-    from classifier import train
+    from classifier import loop as train
 
     calls = []
     real = train.SOFT_TARGET_LOSS
@@ -89,7 +94,7 @@ def test_mixup_and_cutmix_train_on_mixed_soft_targets(shapes, tmp_path, monkeypa
 
 
 def test_no_mixing_unless_asked():
-    from classifier.train import batch_mixer
+    from classifier.loop import batch_mixer
 
     assert batch_mixer(TrainConfig(), small_cnn()) is None
     mixer = batch_mixer(TrainConfig(cutmix=1.0), small_cnn())
@@ -135,7 +140,7 @@ def test_moving_average_of_the_weights_is_validated_and_delivered(shapes, tmp_pa
     """Without warm-up the average starts at the initial weights: after each step
     average = decay * average + (1 - decay) * weights. It is what the run validates, saves as its
     best and ends with; the raw weights stay in last.pt (to resume) and in the record beside it."""
-    from classifier import train
+    from classifier import loop as train
 
     snapshots = []  # one conv weight after every optimiser step
     real_build = train.build_optimizer
@@ -187,8 +192,7 @@ def test_warmed_up_average_forgets_the_initial_weights(shapes, tmp_path):
 def test_a_run_resumes_only_with_the_kind_of_weights_it_delivers(shapes, tmp_path, first, then, message):
     """Its earlier epochs validated (and saved as the best) the average, or the raw weights: mixing
     the two in one run is refused with one clear line (a USER_ERRORS one, so the CLI prints it)."""
-    from classifier.experiment import USER_ERRORS
-    from classifier.train import ResumeMismatch
+    from classifier.errors import USER_ERRORS, ResumeMismatch
 
     def stop(record):
         raise StopAfter
@@ -276,7 +280,7 @@ def test_mixed_precision_choice():
 
 @pytest.mark.parametrize("steps_per_epoch, epochs", [(1, 1), (1, 3), (2, 2), (50, 1)])
 def test_onecycle_works_for_any_number_of_steps(steps_per_epoch, epochs):
-    from classifier.train import build_optimizer, build_scheduler
+    from classifier.loop import build_optimizer, build_scheduler
 
     model = small_cnn()
     config = TrainConfig(epochs=epochs, lr=0.1, optimizer="sgd", schedule="onecycle")

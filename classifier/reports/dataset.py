@@ -13,16 +13,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from classifier.data import DataSplits, Split, channel_stats, load_pil  # noqa: E402
-from classifier.images import ImageError, open_image  # noqa: E402
-from classifier.evaluate import save_figure  # noqa: E402
+from classifier.data import DataSplits, Split, channel_stats, load_pil
+from classifier.errors import ImageError
+from classifier.images import open_image
+from classifier.plots import plt, save_figure
 
 SPLITS = ("train", "val", "test")
 IMBALANCE_RATIO = 1.5  # largest / smallest training class above this gets a warning

@@ -15,19 +15,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import timm
+import torch
+from PIL import Image
+from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch import nn  # noqa: E402
-from torchvision import transforms as T  # noqa: E402
-
-from classifier.models import create_model, is_project_model  # noqa: E402
-from classifier.evaluate import save_figure  # noqa: E402
+from classifier.models import create_model, is_project_model
+from classifier.plots import plt, save_figure
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)
 LINEAR = (nn.Linear,)
@@ -209,12 +204,6 @@ def plot_filters(model: nn.Module, path: str | os.PathLike, max_filters: int = 6
     fig.suptitle(f"first convolution: {conv.out_channels} filters of {conv.in_channels}x{k[0]}x{k[1]}"
                  + (f" (first {max_filters})" if conv.out_channels > max_filters else ""), fontsize=9)
     return save_figure(fig, path, dpi=110)
-
-
-def default_transform(input_size: tuple[int, int, int], mean, std) -> T.Compose:
-    _, height, width = input_size
-    return T.Compose([T.Resize(min(height, width), antialias=True), T.CenterCrop((height, width)),
-                      T.ToTensor(), T.Normalize(mean, std)])
 
 
 @torch.no_grad()

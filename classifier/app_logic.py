@@ -18,10 +18,10 @@ from typing import Sequence
 
 from PIL import Image
 
-from classifier.bundle import CONFIG_FILE, Bundle, BundleError, lineage, load_bundle
+from classifier.bundle import CONFIG_FILE, EVAL_DIR, MISTAKES_FILE, Bundle, lineage, load_bundle
 from classifier.data import IMAGE_EXTENSIONS
-from classifier.hub import HubError
-from classifier.images import ImageError, ImageSource
+from classifier.errors import BundleError, HubError, ImageError
+from classifier.images import ImageSource
 from classifier.model_card import describe_ingredient
 from classifier.predict import Predictor
 from classifier.tta import describe_tta
@@ -178,7 +178,7 @@ class EvalReport:
     def from_bundle(cls, bundle: Bundle) -> "EvalReport":
         eval_dir = bundle.eval_path()
         metrics = bundle.eval_metrics() or {}
-        index = eval_dir / "mistakes.json"
+        index = eval_dir / MISTAKES_FILE
         mistakes = json.loads(index.read_text()) if index.is_file() else []
         # Keep only entries whose thumbnail is there: a gallery of broken images helps no one.
         mistakes = [m for m in mistakes if (eval_dir / m["file"]).is_file()]
@@ -255,7 +255,7 @@ def servable_dirs(bundle_dir: str | os.PathLike) -> list[Path]:
     """The folders the app must be allowed to serve for a bundle's eval/ images. A Hub download
     is a folder of symlinks into the cache's blobs/, and Gradio checks the resolved path, so the
     targets' folders are listed too. Never the bundle root, whose weights nobody needs to fetch."""
-    eval_dir = Path(bundle_dir) / "eval"
+    eval_dir = Path(bundle_dir) / EVAL_DIR
     if not eval_dir.is_dir():
         return []
     dirs = {eval_dir.resolve()}

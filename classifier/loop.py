@@ -30,7 +30,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from classifier import distributed
-from classifier.models import assert_finite, channels_last_pays, head_parameters
+from classifier.config import TrainConfig
+from classifier.errors import ResumeMismatch, TrainingDiverged
+from classifier.models import assert_finite, head_parameters
+from classifier.plots import plot_history
+from classifier.runtime import autocast_dtype, channels_last_pays, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -43,45 +47,6 @@ CURVES_PNG = "curves.png"
 SOFT_TARGET_LOSS = SoftTargetCrossEntropy()  # for mixed batches, whose targets are distributions
 
 
-class TrainingDiverged(FloatingPointError):
-    """The loss became NaN or infinite; nothing from the broken step was saved."""
-
-
-class ResumeMismatch(ValueError):
-    """The checkpoint to resume was written with other settings than the run's, in a way that matters."""
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    lr: float = 1e-3
-    optimizer: str = "adamw"  # "sgd" or "adamw"
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "onecycle"  # "onecycle", "cosine" (with linear warm-up) or "constant"
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.0
-    # Mixing training images (timm's Mixup), a regulariser for long runs: alpha of the Beta
-    # distribution the mixing weight is drawn from; 0 = off. With both, each batch is one or the other.
-    mixup: float = 0.0  # blend two images and their labels
-    cutmix: float = 0.0  # paste a box of one image into another, labels by area
-    grad_clip: float | None = None  # max global gradient norm
-    freeze_epochs: int = 0  # epochs that train the head alone, body frozen (fine-tuning)
-    backbone_lr_scale: float = 1.0  # the body's learning rate relative to the head's
-    patience: int | None = None  # early stopping: epochs without a better validation loss
-    # An exponential moving average of the weights, updated every step (timm's --model-ema): it is
-    # what gets validated, checkpointed as the best and returned; 0 = off. 0.9998 averages over about
-    # the last 5,000 steps. Without warm-up the average starts at the initial weights and keeps a
-    # share of them (0.9998**steps), which suits fine-tuning a good model; with warm-up (timm's
-    # use_warmup) the first update replaces them and the decay grows as 1 - (1 + step)**(-2/3).
-    ema_decay: float = 0.0
-    ema_warmup: bool = False
-    amp: str = "auto"  # "auto" (bf16/fp16 on CUDA, off on CPU), "bf16", "fp16", "off"
-    channels_last: bool = True  # NHWC batches and weights where it pays (models.channels_last_pays)
-    seed: int = 0
-
-
 @dataclass
 class FitResult:
     history: list[dict] = field(default_factory=list)
@@ -89,31 +54,6 @@ class FitResult:
     best_val_loss: float = math.inf
     stopped_early: bool = False
     best_weights: Path | None = None
-
-
-def pick_device(requested: str = "auto") -> torch.device:
-    if requested != "auto":
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda", distributed.local_rank())
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
-    """The dtype to autocast to, or None for full precision."""
-    if amp == "off":
-        return None
-    if device.type == "cuda":
-        if amp in ("auto", "bf16") and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float16
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16" or (amp == "auto" and device.type == "mps"):
-        return torch.float16
-    return None  # CPU "auto": fp32, which is what most CPUs do fastest for training
 
 
 def seed_everything(seed: int) -> None:
@@ -424,8 +364,6 @@ def _diverged_message(epoch: int, step: int, config: TrainConfig, checkpoint: Pa
 
 def _write_metrics(out_dir: Path, history: list[dict]) -> None:
     """Rewrite the whole log each epoch, so a resumed run has no duplicated or orphan lines."""
-    from classifier.evaluate import plot_history
-
     tmp = out_dir / (METRICS_LOG + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
     os.replace(tmp, out_dir / METRICS_LOG)

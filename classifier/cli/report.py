@@ -1,9 +1,9 @@
-"""`python -m classifier.reports {data,model,samples} ...`: the reports as Markdown plus pictures.
+"""`python -m classifier report {data,model,samples} ...`: the reports as Markdown plus pictures.
 
-    python -m classifier.reports data --data cifar10 --data-dir cifar10-jpeg.tar.gz --out runs/report-data
-    python -m classifier.reports model --model tutorial_mlp tutorial_tanh_cnn --num-classes 2
-    python -m classifier.reports model --bundle runs/latest/bundle --image photo.jpg
-    python -m classifier.reports samples runs/latest/bundle [--data ...] [--split test]
+    python -m classifier report data --data cifar10 --data-dir cifar10-jpeg.tar.gz --out runs/report-data
+    python -m classifier report model --model tutorial_mlp tutorial_tanh_cnn --num-classes 2
+    python -m classifier report model --bundle runs/latest/bundle --image photo.jpg
+    python -m classifier report samples runs/latest/bundle [--data ...] [--split test]
 
 Each writes its files (report.md, report.json and PNGs) into --out and prints the Markdown.
 """
@@ -16,6 +16,19 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
+from classifier.bundle import load_bundle
+from classifier.cli.common import DEFAULTS, classes_value, fraction_value, report
+from classifier.data import load_data
+from classifier.errors import USER_ERRORS
+from classifier.images import open_image
+from classifier.reevaluate import DataChoice, bundle_data, rerun_config
+from classifier.reports import dataset as dr
+from classifier.reports import model as mr
+from classifier.reports.samples import samples_report
+from classifier.transforms import eval_transform
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "assets" / "examples"
 
 
@@ -27,19 +40,19 @@ def _data_args(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m classifier.reports", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m classifier report", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="report", required=True)
 
     d = sub.add_parser("data", help="class counts, channel statistics, sizes and modes, samples, unreadable files",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _data_args(d, required=True)
-    d.add_argument("--classes", default=None, help="comma-separated subset of classes")
-    d.add_argument("--val-fraction", type=float, default=0.1)
-    d.add_argument("--test-fraction", type=float, default=0.1)
+    d.add_argument("--classes", type=classes_value, default=None, help="comma-separated subset of classes")
+    d.add_argument("--val-fraction", type=fraction_value, default=DEFAULTS.val_fraction)
+    d.add_argument("--test-fraction", type=fraction_value, default=DEFAULTS.test_fraction)
     d.add_argument("--per-class", type=int, default=8, help="sample images per class in samples.png")
     d.add_argument("--inspect", type=int, default=2000,
                    help="images per split whose size, mode and format are read and fully decoded")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=DEFAULTS.seed)
     d.add_argument("--out", default="runs/reports/data")
 
     m = sub.add_parser("model", help="parameters per layer, first-layer filters, feature maps of one image",
@@ -74,45 +87,32 @@ def _write(out: Path, markdown: str, payload: dict) -> None:
 
 
 def data_command(args) -> int:
-    from classifier.data import load_data
-    from classifier.reports.dataset import dataset_report, plot_class_counts, plot_class_samples, to_markdown
-
     # The report lists unreadable files itself; the loader's warning would say it twice.
     logging.getLogger("classifier.data").setLevel(logging.ERROR)
-    data = load_data(args.data, data_dir=args.data_dir, image_dir=args.image_dir,
-                     classes=args.classes.split(",") if args.classes else None, val_fraction=args.val_fraction,
-                     test_fraction=args.test_fraction, seed=args.seed)
-    report = dataset_report(data, max_inspect=args.inspect, seed=args.seed)
+    data = load_data(args.data, data_dir=args.data_dir, image_dir=args.image_dir, classes=args.classes,
+                     val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
+    found = dr.dataset_report(data, max_inspect=args.inspect, seed=args.seed)
     out = Path(args.out)
-    samples = plot_class_samples(data, out / "samples.png", per_class=args.per_class, seed=args.seed)
-    counts = plot_class_counts(report, out / "counts.png")
-    markdown = to_markdown(report)
-    _write(out, markdown, report.to_dict())
-    (out / "unreadable.txt").write_text("".join(u + "\n" for u in report.unreadable))
+    samples = dr.plot_class_samples(data, out / "samples.png", per_class=args.per_class, seed=args.seed)
+    counts = dr.plot_class_counts(found, out / "counts.png")
+    markdown = dr.to_markdown(found)
+    _write(out, markdown, found.to_dict())
+    (out / "unreadable.txt").write_text("".join(u + "\n" for u in found.unreadable))
     print(markdown)
     print(f"pictures: {samples}, {counts}\nreport: {out / 'report.md'}")
     return 0
 
 
 def _feature_image(args, channels: int):
-    from classifier.images import open_image
-
     path = Path(args.image) if args.image else next(iter(sorted(EXAMPLES.glob("*.jpg"))), None)
     return (open_image(path, channels), path) if path else (None, None)
 
 
 def model_command(args) -> int:
-    import torch
-
-    from classifier.reports import model as mr
-
     out = Path(args.out)
     if args.bundle:
-        from classifier.bundle import load_bundle
-        from classifier.predict import eval_transform
-
         bundle = load_bundle(args.bundle)
-        models = [(bundle.architecture, bundle.model, tuple(bundle.pretrained_cfg["input_size"]), eval_transform(bundle))]
+        models = [(bundle.architecture, bundle.model, tuple(bundle.pretrained_cfg["input_size"]), bundle.eval_transform())]
     else:
         models = []
         for name in args.model:
@@ -123,26 +123,28 @@ def model_command(args) -> int:
             std = cfg.get("std", (0.5,) * args.in_chans)
             if len(mean) != args.in_chans:  # a grey-scale model built from an RGB config
                 mean, std = (sum(mean) / len(mean),) * args.in_chans, (sum(std) / len(std),) * args.in_chans
-            models.append((name, model, size, mr.default_transform(size, mean, std)))
+            preprocessing = {"input_size": size, "mean": mean, "std": std, "crop_pct": 1.0,
+                             "interpolation": cfg.get("interpolation", "bilinear")}
+            models.append((name, model, size, eval_transform(preprocessing)))
 
     reports, pictures = [], []
     for name, model, size, transform in models:
         torch.manual_seed(0)
-        report = mr.model_report(model, size, name)
-        reports.append(report)
+        layers = mr.model_report(model, size, name)
+        reports.append(layers)
         folder = out / name if len(models) > 1 else out
         filters = mr.plot_filters(model, folder / "filters.png")
         image, image_path = _feature_image(args, size[0])
         maps = mr.plot_feature_maps(model, image, transform, folder / "feature_maps.png") if image else None
         pictures += [p for p in (filters, maps) if p]
-        markdown = mr.to_markdown(report)
+        markdown = mr.to_markdown(layers)
         if not filters:
             markdown += "\nNo convolution: every input pixel has its own weights, so there are no filters to show.\n"
         elif maps:
             markdown += f"\nFeature maps of {image_path}.\n"
         else:
             markdown += "\nNo image for the feature maps: pass --image photo.jpg.\n"
-        _write(folder, markdown, report.to_dict())
+        _write(folder, markdown, layers.to_dict())
         print(markdown)
     if len(reports) > 1:
         comparison = mr.comparison_markdown(reports)
@@ -155,16 +157,9 @@ def model_command(args) -> int:
 
 
 def samples_command(args) -> int:
-    from classifier.bundle import BundleError, load_bundle
-    from classifier.reports.samples import load_bundle_data, samples_report
-
     bundle = load_bundle(args.bundle, device=args.device)
-    training = bundle.project.get("training", {})
-    source = args.data or training.get("data")
-    if not source:
-        raise BundleError("the bundle does not record its data; pass --data")
-    data = load_bundle_data(bundle, source, args.data_dir or (None if args.data else training.get("data_dir")),
-                            args.image_dir or (None if args.data else training.get("image_dir")))
+    cfg = rerun_config(bundle, args.bundle, DataChoice(args.data, args.data_dir, args.image_dir), device=args.device)
+    data = bundle_data(bundle, cfg)
     result = samples_report(bundle, data, args.out, args.split, args.count, args.seed)
     print(f"{bundle.architecture} on {data.name} {args.split}: accuracy {result['accuracy']:.4f} over "
           f"{result['images']:,} images; {result['shown']} shown, {result['shown_wrong']} of them wrong")
@@ -173,16 +168,13 @@ def samples_command(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from classifier.experiment import USER_ERRORS
-
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     command = {"data": data_command, "model": model_command, "samples": samples_command}[args.report]
     try:
         return command(args)
     except (*USER_ERRORS, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report(exc)
 
 
 if __name__ == "__main__":

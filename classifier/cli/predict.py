@@ -1,10 +1,10 @@
-"""The prediction command line: `python -m classifier.predict BUNDLE IMAGE [IMAGE or FOLDER ...]`.
+"""`python -m classifier predict BUNDLE IMAGE [IMAGE or FOLDER ...]`: classify images with a bundle.
 
-    python -m classifier.predict runs/latest/bundle photo.jpg                 top-5 classes per image
-    python -m classifier.predict owner/name photo.jpg --plot photo-pred.png    image beside a bar chart
-    python -m classifier.predict runs/latest/bundle a.jpg b.png --json         for scripts
-    python -m classifier.predict runs/latest/bundle test/ --submission out.csv
-    python -m classifier.predict runs/latest/bundle --csv test.csv --image-dir test/ --submission out.csv
+    python -m classifier predict runs/latest/bundle photo.jpg                 top-5 classes per image
+    python -m classifier predict owner/name photo.jpg --plot photo-pred.png    image beside a bar chart
+    python -m classifier predict runs/latest/bundle a.jpg b.png --json         for scripts
+    python -m classifier predict runs/latest/bundle test/ --submission out.csv
+    python -m classifier predict runs/latest/bundle --csv test.csv --image-dir test/ --submission out.csv
 
 A folder stands for every image under it (the id is the file name without its extension); a CSV
 with an `id` column names the images by id, found in --image-dir as `<id>` or `<id>.<ext>`, and
@@ -25,17 +25,16 @@ from typing import Iterable, Iterator
 
 import torch
 
+from classifier.allocator import keep_freed_memory
+from classifier.cli.common import report
 from classifier.data import IMAGE_EXTENSIONS, list_images
-from classifier.images import ImageError
-from classifier.evaluate import save_figure  # noqa: E402
+from classifier.errors import USER_ERRORS, ImageError, InputError
+from classifier.images import open_image
+from classifier.predict import Predictor
+from classifier.runtime import pick_device
 from classifier.tta import TTA_MODES
 
 PLOT_MAX_IMAGES = 12  # a figure with more rows than this is unreadable
-
-
-class InputError(ValueError):
-    """Inputs that cannot be turned into a list of images, worded for the user."""
-
 
 @dataclass
 class Item:
@@ -123,29 +122,14 @@ def write_submission(items: list[Item], path: str | os.PathLike) -> int:
 
 def plot_predictions(items: list[Item], path: str | os.PathLike, channels: int = 3) -> Path:
     """One row per image: the image on the left, its top classes as horizontal bars on the right."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from classifier.images import open_image
+    # Imported here, not at the top: only --plot draws, and a plain prediction should not pay for
+    # loading matplotlib (serving imports none of it; tests/test_house.py holds that).
+    from classifier.plots import plot_predictions as draw
 
     shown = [item for item in items if item.predictions][:PLOT_MAX_IMAGES]
     if not shown:
         raise InputError("no image could be predicted, so there is nothing to plot")
-    fig, axes = plt.subplots(len(shown), 2, figsize=(9, 2.6 * len(shown)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1, 1.6]})
-    for (ax_image, ax_bars), item in zip(axes, shown):
-        ax_image.imshow(open_image(item.path, channels), cmap="gray" if channels == 1 else None)
-        ax_image.set_title(item.path.name, fontsize=9)
-        ax_image.axis("off")
-        names, probs = list(item.predictions)[::-1], list(item.predictions.values())[::-1]
-        bars = ax_bars.barh(names, probs, color=["tab:blue"] * (len(names) - 1) + ["tab:green"])
-        ax_bars.bar_label(bars, labels=[f"{p:.1%}" for p in probs], padding=3, fontsize=8)
-        ax_bars.set_xlim(0, 1.15)
-        ax_bars.set_xlabel("probability")
-        ax_bars.spines[["top", "right"]].set_visible(False)
-    return save_figure(fig, path, dpi=100)
+    return draw([(item.path.name, open_image(item.path, channels), item.predictions) for item in shown], path)
 
 
 def format_item(item: Item) -> str:
@@ -157,7 +141,7 @@ def format_item(item: Item) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m classifier.predict",
+    p = argparse.ArgumentParser(prog="python -m classifier predict",
                                 description="Predict the classes of images with a trained bundle.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("bundle", help="a bundle folder (runs/NAME/bundle) or a Hub id (owner/name)")
@@ -177,11 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from classifier.allocator import keep_freed_memory
-    from classifier.experiment import USER_ERRORS
-    from classifier.predict import Predictor
-    from classifier.train import pick_device
-
     args = build_parser().parse_args(argv)
     if not args.images and not args.csv:
         print("error: give image files or folders, or --csv ids.csv", file=sys.stderr)
@@ -194,9 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(args.device)
         keep_freed_memory(device)  # faster CPU predictions: see classifier/allocator.py
         predictor = Predictor(args.bundle, device=device, tta=args.tta)
-    except (*USER_ERRORS, InputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return report(exc)
 
     quiet = args.json or args.submission  # a contest's thousands of images: a summary, not pages of text
     for item in predict_items(predictor, items, args.top_k, args.batch_size):

@@ -1,0 +1,77 @@
+"""`python -m classifier lr-find`: the learning-rate range test, plotted, with a suggestion.
+
+    python -m classifier lr-find --data path/to/folder --model fast_cnn --out runs/lr.png
+
+The data and model options, and their defaults, are those of `python -m classifier train`; the
+run's settings (batch size, optimiser, weight decay) decide the curve, so give the ones you will
+train with. `train --lr auto` runs the same test before training and uses its suggestion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+
+from classifier.allocator import keep_freed_memory
+from classifier.cli.common import DEFAULTS, add_data_options, add_model_options, add_running_options, report, run_values
+from classifier.config import RunConfig, TrainConfig
+from classifier.errors import USER_ERRORS
+from classifier.lr_finder import METHODS, lr_range_test
+from classifier.plots import plot_lr_finder
+from classifier.run import prepare
+from classifier.runtime import pick_device
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DEFAULTS
+    p = argparse.ArgumentParser(prog="python -m classifier lr-find", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_data_options(p)
+    add_model_options(p)
+    g = p.add_argument_group("the run the rate is for")
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--optimizer", choices=["sgd", "adamw"], default=d.optimizer)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    add_running_options(p, g)
+    g = p.add_argument_group("the range test")
+    g.add_argument("--steps", type=int, default=d.lr_finder_steps, help="steps of the sweep (fewer if the loss explodes first)")
+    g.add_argument("--start-lr", type=float, default=1e-7)
+    g.add_argument("--end-lr", type=float, default=10.0)
+    g.add_argument("--method", choices=METHODS, default="valley", help="which point of the curve to suggest")
+    g.add_argument("--out", default="lr_finder.png", help="the plot; the curve goes beside it as .json")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    cfg = RunConfig(**run_values(args))
+    try:
+        device = pick_device(cfg.device)
+        keep_freed_memory(device)  # faster CPU steps: see classifier/allocator.py
+        setup = prepare(cfg, device)
+        result = lr_range_test(setup.model, setup.train_loader, TrainConfig.from_run(cfg, setup.new_head, lr=args.end_lr),
+                               device=device, start_lr=args.start_lr, end_lr=args.end_lr,
+                               num_steps=args.steps, method=args.method)
+    except USER_ERRORS as exc:
+        return report(exc)
+    plot = plot_lr_finder(result, args.out, title=f"{args.model} on {setup.data.name}: suggested lr {result.suggestion:.2g}")
+    result.save(plot.with_suffix(".json"))
+    ended = "the loss exploded" if result.diverged else "the sweep ended before the loss exploded"
+    print(f"swept lr {result.lrs[0]:.1e} -> {result.lrs[-1]:.1e} over {len(result.lrs)} steps ({ended})")
+    for name in METHODS:
+        mark = "  <- suggested" if name == result.method else ""
+        print(f"  {name:<9} {getattr(result, name):.3g}{mark}")
+    print(f"plot: {plot}")
+    data = " ".join(f"{flag} {shlex.quote(value)}" for flag, value in (
+        ("--data", args.data), ("--data-dir", args.data_dir), ("--image-dir", args.image_dir),
+        ("--classes", ",".join(args.classes) if args.classes else None)) if value)
+    print(f"train with it: python -m classifier train {data} --model {args.model} --optimizer {args.optimizer} "
+          f"--batch-size {args.batch_size} --lr {result.suggestion:.3g}  (or --lr auto)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""One training run from data to bundle: load data, build the model, fit, evaluate, save.
+
+`run()` is the flow the `train` command, the hyperparameter search and the tests share:
+
+    RunConfig -> load_run_data -> prepare (preprocessing, model, loaders) -> loop.fit
+        -> evaluate.evaluate_model -> bundle.save_bundle (+ eval/, the model card)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, DistributedSampler
+
+from classifier import distributed
+from classifier.allocator import keep_freed_memory
+from classifier.bundle import EVAL_DIR, LR_FINDER_PNG, Bundle, load_bundle, make_config, save_bundle, stage_record
+from classifier.config import RunConfig, TrainConfig, write_run_config
+from classifier.data import DataSplits, ImageDataset, channel_stats, collate_skipping_broken, load_data, materialize_small
+from classifier.errors import BundleError, DataError
+from classifier.evaluate import evaluate_model
+from classifier.fastdata import memory_loaders, use_memory_loader
+from classifier.loop import fit
+from classifier.lr_finder import LRFinderResult, lr_range_test
+from classifier.model_card import write_model_card
+from classifier.models import count_parameters, create_model, is_project_model, zero_head
+from classifier.plots import plot_lr_finder
+from classifier.runtime import autocast_dtype, pick_device, use_every_core
+from classifier.transforms import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+LR_FINDER_FILE = "lr_finder.json"  # in OUT: the range test's curve, reused by --resume
+RUN_BUNDLE_DIR = "bundle"  # a run's bundle, OUT/bundle, beside its checkpoint OUT/last.pt
+TEST_METRICS_FILE = "test_metrics.json"
+
+
+@dataclass
+class RunResult:
+    bundle_dir: Path
+    metrics: dict
+    history: list[dict]
+    parameters: int
+
+
+def preprocessing(cfg: RunConfig, data: DataSplits, pretrained: bool, in_chans: int,
+                  source: Bundle | None = None) -> tuple[dict, list[int] | None]:
+    """(pretrained_cfg, source_image_size) of this run: the input size, mean, std, interpolation
+    and crop_pct its model sees (classifier.transforms builds the transforms from them, and the
+    bundle records them), and the small images' own size where training upscales them."""
+    native = data.image_size()
+    if source is not None or pretrained:
+        # The normalisation the weights were trained with: the bundle's (--init-from) or timm's
+        # pretrained config. The size may change. Defaults as Predictor (bundle) and timm have them.
+        if source is not None:
+            pcfg, interpolation = source.pretrained_cfg, "bilinear"
+        else:
+            registered = timm.models.get_pretrained_cfg(cfg.model)
+            pcfg, interpolation = (registered.to_dict() if registered is not None else {}), "bicubic"
+        size = cfg.image_size or int(pcfg.get("input_size", (3, 224, 224))[-1])
+        mean = tuple(pcfg.get("mean", (0.485, 0.456, 0.406)))
+        std = tuple(pcfg.get("std", (0.229, 0.224, 0.225)))
+        interpolation = pcfg.get("interpolation", interpolation)
+        crop_pct = 1.0 if data.is_small else float(pcfg.get("crop_pct", 0.875))
+    else:
+        mean, std = channel_stats(data.train, data.channels, seed=cfg.seed)
+        size = cfg.image_size or (max(native) if data.is_small else 224)
+        interpolation, crop_pct = "bilinear", 1.0 if data.is_small else 0.875
+    pcfg = {"input_size": [in_chans, size, size], "mean": list(mean), "std": list(std),
+            "interpolation": interpolation, "crop_pct": crop_pct}
+    upscaled = data.is_small and size > max(native)
+    return pcfg, (list(native) if upscaled else None)
+
+
+def _loader(dataset, batch_size: int, *, train: bool, cfg: RunConfig, device: torch.device) -> DataLoader:
+    # Training: one sampler for one process and for DDP alike. It permutes the whole dataset from
+    # (seed, epoch) and deals it out rank, rank + N, ..., so the N per-rank batches of step k are
+    # together batch k of that permutation: the same global batches for any N (and for a resumed run).
+    # Evaluation: ShardSampler, whose shards have no padded repeats, so summed metrics are exact.
+    if train:
+        sampler = DistributedSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
+                                     shuffle=True, seed=cfg.seed, drop_last=False)
+    else:
+        sampler = distributed.ShardSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank())
+    workers = cfg.workers
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers else None, collate_fn=collate_skipping_broken,
+                      drop_last=train and len(sampler) > batch_size)
+
+
+def load_run_data(cfg: RunConfig) -> DataSplits:
+    """The splits `cfg` names, small images decoded once (cached) and held in memory."""
+    # Unpacking, downloading and decoding fill a cache on the local disk: under torchrun one process
+    # per machine does it first and the others then read it, rather than all writing the same files.
+    with distributed.local_main_first():
+        data = load_data(cfg.data, data_dir=cfg.data_dir, image_dir=cfg.image_dir, classes=cfg.classes,
+                         val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
+        if len(data.val) == 0:
+            # load_data allows it (a library user may only want train and test); a run does not.
+            raise DataError("a run needs a validation split: the best epoch and the calibration temperature "
+                            "are chosen on it. --val-fraction 0 leaves none; give a fraction above 0, or "
+                            "data with a val/ folder")
+        data = materialize_small(data)
+    log.info("data %s: %d classes, %d train / %d val / %d test images, %s", data.name, data.num_classes,
+             len(data.train), len(data.val), len(data.test), "x".join(map(str, data.image_size())))
+    return data
+
+
+@dataclass
+class Prepared:
+    """What a run trains on: the data, its preprocessing, a fresh model and the three loaders."""
+
+    data: DataSplits
+    pretrained_cfg: dict  # input_size, mean, std, interpolation, crop_pct (transforms.PREPROCESSING_KEYS)
+    source_image_size: list[int] | None  # the small images' own size, when they are upscaled
+    model: torch.nn.Module
+    model_args: dict  # as the model was built (with img_size for the fixed-size tutorial nets)
+    in_chans: int
+    pretrained: bool
+    new_head: bool  # a trained body under a head that starts from zero: fine-tuning defaults apply
+    parameters: int
+    train_loader: DataLoader
+    val_loader: DataLoader
+    test_loader: DataLoader
+    started_from: dict | None = None  # with --init-from: that bundle's record (bundle.stage_record)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.pretrained_cfg["input_size"][-1])
+
+
+def prepare(cfg: RunConfig, device: torch.device, data: DataSplits | None = None,
+            source: Bundle | None = None) -> Prepared:
+    """Data, model and loaders for `cfg`. Pass `data` to reuse splits already loaded (a search), and
+    `source` for the bundle of cfg.init_from when the caller has loaded it already."""
+    pretrained = cfg.resolved_pretrained()
+    data = data if data is not None else load_run_data(cfg)
+    if source is None and cfg.init_from:
+        source = load_bundle(cfg.init_from, revision=cfg.init_from_revision)
+    in_chans = source.in_chans if source is not None else (3 if pretrained else data.channels)
+    pcfg, source_size = preprocessing(cfg, data, pretrained, in_chans, source)
+    size = int(pcfg["input_size"][-1])
+    if source is not None:
+        if cfg.model_args:
+            raise BundleError(f"--model-args cannot change the model of --init-from {cfg.init_from}; leave them out")
+        model, model_args, new_head = start_from_bundle(source, cfg.model, data.classes, size)
+    else:
+        model_args = dict(cfg.model_args)
+        registered = timm.models.get_pretrained_cfg(cfg.model)
+        if registered is not None and registered.fixed_input_size and is_project_model(cfg.model):
+            model_args.setdefault("img_size", size)  # the tutorial nets size their linear layers by it
+        torch.manual_seed(cfg.seed)  # --seed fixes the initial weights too (DDP then copies rank 0's)
+        model = create_model(cfg.model, num_classes=data.num_classes, in_chans=in_chans, pretrained=pretrained,
+                             pretrained_source=cfg.pretrained_source, **model_args)
+        new_head = pretrained
+    parameters = count_parameters(model)
+    log.info("model %s: %s parameters%s", cfg.model, f"{parameters:,}", " (pretrained)" if pretrained else "")
+
+    world = distributed.world_size()
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
+    per_rank = cfg.batch_size // world
+    if use_memory_loader(cfg.loader, data, device):
+        # Small images held in memory: batches built on the device, no worker processes. The
+        # batches equal eval_transform's (tests/test_preprocessing.py).
+        loaders = memory_loaders(data, batch_size=per_rank, eval_batch_size=per_rank * 2, mean=pcfg["mean"],
+                                 std=pcfg["std"], device=device, size=size, channels=in_chans,
+                                 interpolation=pcfg["interpolation"], seed=cfg.seed)
+    else:
+        train_tf, eval_tf = train_transform(pcfg, data.is_small), eval_transform(pcfg, source_size)
+        loaders = (_loader(ImageDataset(data.train, train_tf, in_chans), per_rank, train=True, cfg=cfg, device=device),
+                   _loader(ImageDataset(data.val, eval_tf, in_chans), per_rank * 2, train=False, cfg=cfg, device=device),
+                   _loader(ImageDataset(data.test, eval_tf, in_chans), per_rank * 2, train=False, cfg=cfg, device=device))
+    log.info("loader: %s", type(loaders[0]).__name__)
+    return Prepared(data, pcfg, source_size, model, model_args, in_chans, pretrained, new_head, parameters, *loaders,
+                    started_from=stage_record(source, cfg.init_from) if source is not None else None)
+
+
+def start_from_bundle(source: Bundle, architecture: str, classes: list[str], size: int) -> tuple[torch.nn.Module, dict, bool]:
+    """`source`'s model to train on (--init-from): (model, its model_args, whether its head is new).
+
+    The same classes keep the whole model, head included: training goes on, at another resolution
+    or for more epochs, say (fastai's progressive resizing). Other classes keep the body and start
+    a new zero head, as fine-tuning a pretrained model does.
+    """
+    if source.architecture != architecture:
+        raise BundleError(f"--init-from {source.path} holds a {source.architecture}, not a {architecture}: "
+                          f"leave out --model, or name the bundle's architecture")
+    model_args = {k: v for k, v in source.config.get("model_args", {}).items() if k != "in_chans"}
+    if "img_size" in model_args and model_args["img_size"] != size:
+        raise BundleError(f"{architecture} is built for {model_args['img_size']} px inputs only, not {size} px: "
+                          f"leave out --image-size")
+    model = source.model.train()
+    new_head = source.label_names != list(classes)
+    if new_head:
+        model.reset_classifier(len(classes))
+        zero_head(model)
+    log.info("starting from the weights of %s%s", source.path,
+             f" with a new head for {len(classes)} classes" if new_head else ", its head included")
+    return model, model_args, new_head
+
+
+def find_lr(cfg: RunConfig, setup: Prepared, device: torch.device, out: Path) -> LRFinderResult:
+    """lr='auto': the range test's suggestion (classifier.lr_finder), its curve saved in `out`.
+
+    A resumed run reuses the suggestion it started with; under DDP every rank tests its own shard
+    and all use the geometric mean of the suggestions, so the ranks agree.
+    """
+    saved = out / LR_FINDER_FILE
+    if cfg.resume and saved.exists():
+        return LRFinderResult.load(saved)
+    finder = lr_range_test(setup.model, setup.train_loader, TrainConfig.from_run(cfg, setup.new_head, lr=1.0),
+                           device=device, num_steps=cfg.lr_finder_steps)
+    if distributed.is_distributed():
+        log_lr = torch.tensor([math.log(finder.suggestion)], device=device, dtype=torch.float64)
+        distributed.all_reduce_sum(log_lr)
+        finder.suggestion = math.exp(float(log_lr) / distributed.world_size())
+    if distributed.is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        finder.save(saved)
+        plot_lr_finder(finder, out / LR_FINDER_PNG)
+    log.info("learning-rate finder: %s suggests %.3g (valley %.3g, steepest %.3g, min/10 %.3g)",
+             finder.method, finder.suggestion, finder.valley, finder.steepest, finder.minimum)
+    return finder
+
+
+def run(cfg: RunConfig) -> RunResult:
+    """Train and evaluate as `cfg` says; writes checkpoints, logs and config.yaml to cfg.out, the
+    bundle to cfg.out/bundle."""
+    out = Path(cfg.out)
+    device = pick_device(cfg.device)
+    use_every_core(device)
+    keep_freed_memory(device)  # 1.6x faster CPU epochs on glibc: see classifier/allocator.py
+    setup = prepare(cfg, device)
+    data, model = setup.data, setup.model
+    val_loader, test_loader = setup.val_loader, setup.test_loader
+    if distributed.is_main_process():
+        write_run_config(cfg, out)  # the settings, resolved: `--config OUT/config.yaml` runs them again
+
+    finder = find_lr(cfg, setup, device, out) if cfg.lr == "auto" else None
+    lr = finder.suggestion if finder else cfg.resolved_lr()
+    result = fit(model, setup.train_loader, val_loader, TrainConfig.from_run(cfg, setup.new_head, lr), out,
+                 device=device, resume=cfg.resume, sync_batchnorm=cfg.sync_batchnorm)
+
+    # Evaluate the best epoch by validation loss, not merely the last one.
+    # Rank 0 wrote them and sends them: other machines need not see its disk.
+    best = load_file(str(result.best_weights)) if distributed.is_main_process() else None
+    model.load_state_dict(distributed.broadcast_state(best))
+    evaluation = evaluate_model(model, val_loader, test_loader, data.classes, device,
+                                autocast_dtype(device, cfg.amp), cfg.tta)
+    metrics = evaluation.metrics
+    metrics.update(best_epoch=result.best_epoch, epochs_trained=len(result.history),
+                   stopped_early=result.stopped_early, train_seconds=float(sum(r["seconds"] for r in result.history)))
+    bundle_dir = out / RUN_BUNDLE_DIR
+    if distributed.is_main_process():
+        project = {
+            "dataset": data.name, "classes_selected": cfg.classes, "num_train": len(data.train),
+            "num_val": len(data.val), "num_test": len(data.test), **evaluation.project_fields(),
+            "parameters": setup.parameters, "pretrained": setup.pretrained,
+            "base_model": f"timm/{cfg.model}" if setup.pretrained else None,
+            "training": {k: v for k, v in asdict(cfg).items() if k != "command"},
+            "command": cfg.command,
+        }
+        if setup.source_image_size:
+            project["source_image_size"] = setup.source_image_size
+        if setup.started_from:
+            project["started_from"] = setup.started_from
+        if finder:  # training.lr says "auto"; this says what that meant
+            project["lr_finder"] = finder.summary()
+        config = make_config(model, architecture=cfg.model, label_names=data.classes,
+                             model_args=setup.model_args | {"in_chans": setup.in_chans}, **setup.pretrained_cfg,
+                             project=project)
+        save_bundle(bundle_dir, model, config)
+        evaluation.save(bundle_dir / EVAL_DIR, data, setup.in_chans, cfg.mistakes, history=result.history)
+        if finder and (out / LR_FINDER_PNG).exists():
+            shutil.copyfile(out / LR_FINDER_PNG, bundle_dir / EVAL_DIR / LR_FINDER_PNG)
+        (out / TEST_METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        write_model_card(bundle_dir)  # README.md, from the files just written; last, so it cannot cost them
+    distributed.barrier()
+    return RunResult(bundle_dir, metrics, result.history, setup.parameters)
+
+
+def summarize(result: RunResult) -> str:
+    m = result.metrics
+    cal = m["calibration"]
+    return (f"test accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}  loss {m['loss']:.4f}  "
+            f"ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f} (T={cal['temperature']:.3f})  "
+            f"{result.parameters:,} parameters  bundle: {result.bundle_dir}")

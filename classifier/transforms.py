@@ -1,0 +1,81 @@
+"""The one owner of preprocessing: THE eval transform, and the training augmentation.
+
+A model sees images through exactly one eval-time path, wherever it runs: training's validation
+and test, `evaluate`, the Predictor behind `predict` and the app, the reports, and the plain-timm
+snippet of the model card. That path is resolved the way timm resolves a data config from a model's
+pretrained_cfg (input size, interpolation, mean, std, crop_pct) and built with timm's own eval
+transform (resize the shorter side to size / crop_pct, centre crop, normalise), so a bundle loaded
+with plain timm preprocesses as this project does. The one step timm lacks comes first: a model
+trained on small images (CIFAR's 32 px upscaled, say) sees a photo first shrunk to that source size
+(ShrinkToSource), so that a sharp photo looks like the data it learned from.
+
+The in-memory device loader (classifier.fastdata) computes the same thing on tensors, for speed;
+tests/test_preprocessing.py holds it, and every other path, against `eval_transform`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import timm.data
+from PIL import Image, ImageOps
+from torchvision import transforms as T
+
+# The keys of a pretrained_cfg (a bundle's config.json, timm's registry) that decide preprocessing.
+PREPROCESSING_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
+INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
+                 "nearest": T.InterpolationMode.NEAREST}
+
+
+def data_config(pretrained_cfg: dict) -> dict:
+    """timm's data config of a pretrained_cfg: input_size, interpolation, mean, std, crop_pct, crop_mode."""
+    return timm.data.resolve_data_config(pretrained_cfg=dict(pretrained_cfg))
+
+
+class ShrinkToSource:
+    """A photo cropped to the training images' shape and shrunk to their size (height, width) in
+    one PIL resize (ImageOps.fit, bicubic): the call the model card's plain-timm snippet makes too.
+    An image already that size passes through unchanged."""
+
+    def __init__(self, size: Sequence[int]):
+        self.size = (int(size[1]), int(size[0]))  # PIL sizes are (width, height)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if image.size == self.size:
+            return image
+        return ImageOps.fit(image, self.size, Image.BICUBIC)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size[::-1]})"
+
+
+def needs_shrink(pretrained_cfg: dict, source_image_size: Sequence[int] | None) -> bool:
+    """Whether the model learned from images smaller than its input (upscaled in training)."""
+    _, height, width = pretrained_cfg["input_size"]
+    return bool(source_image_size) and min(source_image_size) < min(height, width)
+
+
+def eval_transform(pretrained_cfg: dict, source_image_size: Sequence[int] | None = None) -> T.Compose:
+    """THE eval-time preprocessing of a model: PIL image in, normalised (C, H, W) tensor out."""
+    steps: list = [ShrinkToSource(source_image_size)] if needs_shrink(pretrained_cfg, source_image_size) else []
+    steps.append(timm.data.create_transform(**data_config(pretrained_cfg), is_training=False))
+    return T.Compose(steps)
+
+
+def train_transform(pretrained_cfg: dict, small: bool) -> T.Compose:
+    """The training augmentation of one run.
+
+    Small images (CIFAR, Fashion-MNIST): resized to the model's input if needed, a random crop with
+    reflect padding and a horizontal flip. Photos: RandomResizedCrop, flip, a small rotation and
+    colour jitter.
+    """
+    _, size, _ = pretrained_cfg["input_size"]
+    interp = INTERPOLATION[pretrained_cfg.get("interpolation", "bilinear")]
+    if small:
+        steps = [T.Resize((size, size), interpolation=interp, antialias=True),
+                 T.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect"), T.RandomHorizontalFlip()]
+    else:
+        steps = [T.RandomResizedCrop(size, scale=(0.25, 1.0), interpolation=interp, antialias=True),
+                 T.RandomHorizontalFlip(), T.RandomRotation(10, interpolation=interp),
+                 T.ColorJitter(0.2, 0.2, 0.2, 0.02)]
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(pretrained_cfg["mean"], pretrained_cfg["std"])])
