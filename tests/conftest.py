@@ -62,6 +62,27 @@ def preprocessing(size: int, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct: float = 
             "interpolation": interpolation}
 
 
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """An IDX file, the format of MNIST and Fashion-MNIST (what torchvision reads)."""
+    import struct
+
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def make_fashion_mnist(root: Path, train: int = 60, test: int = 20, seed: int = 0) -> Path:
+    """root/FashionMNIST/raw/*-ubyte as torchvision expects them: 28 px grey shapes, ten labels."""
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", train), ("t10k", test)):
+        labels = np.arange(n) % 10
+        images = np.stack([np.asarray(draw_shape(CLASSES[label % 3], 28, rng).convert("L")) for label in labels])
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return root
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "shapes", per_class=20)
