@@ -6,5 +6,5 @@ Importing the package registers the project's own CNNs with timm's model registr
 from classifier import models  # noqa: F401  (registration side effect)
 from classifier.models import count_parameters, create_model
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["create_model", "count_parameters", "__version__"]

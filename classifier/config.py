@@ -207,15 +207,20 @@ def check_settings(values: dict, where: str) -> dict:
     return checked
 
 
-def read_config_file(path: str | os.PathLike) -> dict:
-    """The settings of a --config file (a YAML mapping of RunConfig fields), checked."""
+def load_yaml(path: str | os.PathLike, what: str = "config file"):
+    """The content of a YAML file (safe_load: plain data only); ConfigError if missing or malformed."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
+        raise ConfigError(f"{path}: no such {what}")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """The settings of a --config file (a YAML mapping of RunConfig fields), checked."""
+    values = load_yaml(path)
     if values is None:
         return {}
     if not isinstance(values, dict):

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +85,11 @@ def test_every_command_answers_help(command, capsys):
         code = done.code
     assert code in (0, None)
     assert f"python -m classifier {command}" in capsys.readouterr().out
+
+
+def test_the_readme_names_real_commands_and_ci_runs_its_test_command():
+    readme = (ROOT / "README.md").read_text()
+    named = set(re.findall(r"\./run ([a-z-]+)", readme))
+    assert {"app", "test", "train"} <= named
+    assert named - {"app", "test"} <= set(COMMANDS), named - {"app", "test"} - set(COMMANDS)
+    assert "./run test" in (ROOT / ".ci" / "run").read_text().splitlines()

@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import shlex
 import sys
 from pathlib import Path
 
-import yaml
-
 from classifier.bundle import CONFIG_FILE
 from classifier.cli import COMMANDS
 from classifier.cli.common import report
-from classifier.config import check_settings
+from classifier.config import check_settings, load_yaml
 from classifier.errors import ConfigError
 from classifier.loop import LAST_CHECKPOINT
 from classifier.run import RUN_BUNDLE_DIR
@@ -53,13 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_recipe(path: str | Path) -> tuple[str, list[tuple[str, dict]]]:
     """(description, [(command, options), ...]) of a recipe file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such recipe file")
-    try:
-        content = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    content = load_yaml(path, "recipe file")
     if not isinstance(content, dict):
         raise ConfigError(f"{path}: a recipe is a mapping with a list of steps")
     if "steps" not in content:  # a plain config file: one train step
@@ -88,6 +81,8 @@ def step_argv(command: str, options: dict) -> list[str]:
         action = actions.get(name)
         if action is None:
             raise ConfigError(f"'{key}' is not an option of `python -m classifier {command}`")
+        if isinstance(value, dict):  # --model-args and the like take JSON
+            value = json.dumps(value)
         values = value if isinstance(value, list) else [value]
         if not action.option_strings:
             positional += [str(v) for v in values]
