@@ -616,8 +616,10 @@ def phase_fast(report: Report, work: Path, plan: Plan, deadline: float) -> str:
     fast["warmup"] = finetune(work, runs_dir / "fast-warmup", base + ["--epochs", "1", "--seed", "0"],
                               timeout=phase_deadline - time.time())
     report.save()
+    if fast["warmup"]["stopped"]:
+        return f"cut short: the warm-up run did not finish in the phase's {budget:.0f} s"
     if fast["warmup"]["returncode"] != 0:
-        return f"failed: the warm-up run: {fast['warmup'].get('stopped') or fast['warmup'].get('error')}"
+        return f"failed: the warm-up run: {fast['warmup'].get('error')}"
     # A run of the recipe costs about the warm-up's process overhead plus its epochs.
     estimate = fast["warmup"]["seconds"] * 1.5
     for seed in range(plan.seeds):
@@ -1110,7 +1112,7 @@ def run_all(args: argparse.Namespace, plan: Plan) -> int:
     run_phase(report, "throughput", budgets["throughput"], lambda: phase_throughput(report, work, plan, deadline))
     run_phase(report, "airbench", budgets["airbench"], lambda: phase_airbench(report, work, plan, deadline))
     run_phase(report, "fast", budgets["fast"], lambda: phase_fast(report, work, plan, deadline))
-    run_phase(report, "lite", round(deadline - plan.pack_reserve_s - time.time()),
+    run_phase(report, "lite", max(0, round(deadline - plan.pack_reserve_s - time.time())),
               lambda: phase_lite(report, work, plan, deadline))
     run_phase(report, "pack", plan.pack_reserve_s, lambda: pack(report, work, out))
     if args.tiny and report.data.get("best"):
