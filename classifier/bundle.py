@@ -17,6 +17,7 @@ expects (Bundle.eval_transform, built by classifier.transforms from config.json 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from dataclasses import dataclass
@@ -27,11 +28,12 @@ import PIL
 import timm
 import torch
 import torchvision
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 import classifier
-from classifier import hub
+from classifier import files, hub
 from classifier.errors import BundleError
 from classifier.models import create_model
 from classifier.transforms import eval_transform
@@ -52,6 +54,11 @@ LR_FINDER_PNG = "lr_finder.png"  # with --lr auto: the range test's curve
 # What a bundle is, as file patterns: what is downloaded from the Hub and pushed to it.
 BUNDLE_PATTERNS = [CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, f"{EVAL_DIR}/*", f"{EVAL_DIR}/**"]
 FORMAT_VERSION = 1
+# What a bundle's input may be, checked on load: one side beyond MAX_INPUT_SIDE px is a damaged or
+# hostile config.json (input_size 100000 made the first prediction grow to 23.7 GB), not a classifier
+# (timm's largest pretrained inputs are about 1,000 px).
+MIN_INPUT_SIDE, MAX_INPUT_SIDE = 8, 2048
+CROP_PCT_RANGE = (0.25, 1.0)  # below, the eval resize (size / crop_pct) would grow without bound
 # Where a timm pretrained_cfg points at its original weights: a bundle's config must not, or timm
 # would fetch the ImageNet weights instead of ours.
 _WEIGHT_SOURCE_KEYS = ("url", "hf_hub_id", "hf_hub_filename", "file", "state_dict", "source", "tag",
@@ -176,16 +183,57 @@ def save_bundle(path: str | os.PathLike, model: nn.Module, config: dict) -> Path
     for name, tensor in state.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise BundleError(f"refusing to save: weight {name} holds NaN or infinite values")
-    tmp = path / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path / WEIGHTS_FILE)
+    files.save_safetensors(state, path / WEIGHTS_FILE, "the bundle's weights", metadata={"format": "pt"})
     write_config(path, config)
     return path
 
 
 def write_config(path: str | os.PathLike, config: dict) -> None:
     """config.json alone: save_bundle's, and an evaluation's that leaves the weights as they are."""
-    (Path(path) / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    files.write_text(Path(path) / CONFIG_FILE, json.dumps(config, indent=2), "the bundle's config.json")
+
+
+def _finite_numbers(values, count: int) -> bool:
+    return (isinstance(values, (list, tuple)) and len(values) == count
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values))
+
+
+def _check_preprocessing(config_path: Path, pcfg: dict) -> None:
+    """A pretrained_cfg the eval transform can follow with bounded memory, or a BundleError saying what
+    is wrong: preprocessing is built from it for every image, before the model sees any."""
+    size = pcfg["input_size"]
+    if not (isinstance(size, (list, tuple)) and len(size) == 3 and all(type(v) is int for v in size)):
+        raise BundleError(f"{config_path}: input_size must be [channels, height, width], not {size!r}")
+    channels, height, width = size
+    if channels not in (1, 3):
+        raise BundleError(f"{config_path}: input_size asks for {channels} channels; a bundle takes 1 (grey) or 3 "
+                          f"(RGB)")
+    if not (MIN_INPUT_SIDE <= height <= MAX_INPUT_SIDE and MIN_INPUT_SIDE <= width <= MAX_INPUT_SIDE):
+        raise BundleError(f"{config_path}: input size {height}x{width} is beyond what a classifier takes "
+                          f"({MIN_INPUT_SIDE} to {MAX_INPUT_SIDE} px a side); the file is damaged or was edited")
+    for key in ("mean", "std"):
+        if not _finite_numbers(pcfg[key], channels):
+            raise BundleError(f"{config_path}: {key} must be {channels} numbers, one per channel, not {pcfg[key]!r}")
+    if not all(0 < v for v in pcfg["std"]):
+        raise BundleError(f"{config_path}: std must be positive, not {pcfg['std']!r}")
+    crop_pct = pcfg.get("crop_pct", 1.0)
+    if not (_finite_numbers([crop_pct], 1) and CROP_PCT_RANGE[0] <= crop_pct <= CROP_PCT_RANGE[1]):
+        raise BundleError(f"{config_path}: crop_pct must be between {CROP_PCT_RANGE[0]} and {CROP_PCT_RANGE[1]}, "
+                          f"not {crop_pct!r}")
+
+
+def _load_weights(weights: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a bundle's safetensors file, all finite; BundleError for a damaged or foreign file."""
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise BundleError(f"{weights} is damaged or not a safetensors file ({exc}); copy or download the bundle "
+                          f"again") from None
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise BundleError(f"{weights}: weight {name} holds NaN or infinite values (from a training that "
+                              f"diverged?), so the model cannot predict; train it again or use another bundle")
+    return state
 
 
 def _read_config(path: Path) -> dict:
@@ -205,6 +253,7 @@ def _read_config(path: Path) -> dict:
     for key in ("input_size", "mean", "std"):
         if key not in config["pretrained_cfg"]:
             raise BundleError(f"{config_path}: pretrained_cfg has no {key}")
+    _check_preprocessing(config_path, config["pretrained_cfg"])
     if not (path / WEIGHTS_FILE).is_file():
         raise BundleError(f"{path}: no {WEIGHTS_FILE} (weights travel as safetensors only)")
     return config
@@ -242,7 +291,7 @@ def load_bundle(location: str | os.PathLike, *, revision: str | None = None,
     model_args.setdefault("in_chans", int(config["pretrained_cfg"]["input_size"][0]))
     model = create_model(config["architecture"], num_classes=config["num_classes"], pretrained=False,
                          **model_args)
-    state = load_file(str(path / WEIGHTS_FILE), device="cpu")
+    state = _load_weights(path / WEIGHTS_FILE)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -8,22 +8,32 @@ torch Dataset wrapper take the splits and a transform (classifier.transforms) as
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import difflib
 import hashlib
+import io
+import json
 import logging
 import os
+import random
 import shutil
 import tarfile
+import tempfile
+import zlib
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from filelock import FileLock
 from PIL import Image
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, DistributedSampler, default_collate
 
-from classifier.errors import DataError, ImageError
+from classifier.errors import DataError, ImageError, StorageError
+from classifier.files import atomic_write, storage_error
 from classifier.images import open_image
 
 log = logging.getLogger(__name__)
@@ -31,6 +41,15 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLIT_DIR_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 SMALL_IMAGE_MAX_SIDE = 64  # at or below this, images are decoded once into memory and padded-cropped
+# The typical image size is read from the headers of this many training images (all of them when
+# there are fewer): enough to see through a few odd files, quick on 50,000.
+SIZE_SAMPLE = 500
+# Photos this many times larger or smaller (longer side) than the typical one are reported as outliers.
+SIZE_OUTLIER_FACTOR = 4
+ARCHIVE_MANIFEST = ".complete"  # in an unpacked archive: its file count and bytes, written last
+# A CSV label with at most 1/TYPO_RATIO the rows of a label it nearly spells is taken for a typo.
+TYPO_RATIO = 5
+TYPO_SIMILARITY = 0.8  # difflib's ratio between the two spellings, case ignored
 
 
 @dataclass
@@ -61,26 +80,57 @@ class DataSplits:
     test: Split
     channels: int = 3
     skipped: list[str] = field(default_factory=list)  # unreadable files left out, with reasons
+    _image_size: tuple[int, int] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     def image_size(self) -> tuple[int, int]:
-        """(height, width) of the first training image: tells small-image data from photos."""
+        """(height, width) typical of the training images: tells small-image data from photos, and
+        is the size small images are decoded at. Images far from it are reported (typical_image_size)."""
         if self.train.in_memory:
             return tuple(self.train.items.shape[1:3])
-        for path in self.train.items[:20]:
-            try:
-                with Image.open(path) as image:
-                    return image.height, image.width
-            except Exception:
-                continue
-        raise DataError("none of the first training images could be opened")
+        if self._image_size is None:
+            self._image_size = typical_image_size(self.train.items)
+        return self._image_size
 
     @property
     def is_small(self) -> bool:
         return max(self.image_size()) <= SMALL_IMAGE_MAX_SIDE
+
+
+def typical_image_size(paths: Sequence[str], sample: int = SIZE_SAMPLE) -> tuple[int, int]:
+    """The median (height, width) of the headers of `sample` of `paths` (all when fewer), and a
+    warning naming the images far from it: no single file (a 1x1 icon sorting first) decides."""
+    chosen = list(paths)
+    if len(chosen) > sample:
+        picked = np.random.default_rng(0).choice(len(chosen), sample, replace=False)
+        chosen = [chosen[i] for i in sorted(picked)]
+    sizes = {}
+    for path in chosen:
+        try:
+            with Image.open(path) as image:
+                sizes[path] = (image.height, image.width)
+        except Exception:  # noqa: BLE001 - unreadable files are load_data's to report, not this guess's
+            continue
+    if not sizes:
+        raise DataError(f"none of the {len(chosen)} image(s) sampled to find the typical size could be opened")
+    heights, widths = sorted(h for h, _ in sizes.values()), sorted(w for _, w in sizes.values())
+    typical = (heights[(len(heights) - 1) // 2], widths[(len(widths) - 1) // 2])
+    small = max(typical) <= SMALL_IMAGE_MAX_SIDE
+    # Small images are all decoded at the typical size, so any other size is resized; photos vary
+    # by nature, and only those far off (an icon, a thumbnail, a scan) are worth a look.
+    outliers = [(path, size) for path, size in sizes.items()
+                if (size != typical if small else
+                    not max(typical) / SIZE_OUTLIER_FACTOR <= max(size) <= max(typical) * SIZE_OUTLIER_FACTOR)]
+    if outliers:
+        shown = ", ".join(f"{path} ({h}x{w})" for path, (h, w) in outliers[:5])
+        more = f" and {len(outliers) - 5} more" if len(outliers) > 5 else ""
+        log.warning("%d of %d training images%s are far from the typical size %dx%d (height x width), and "
+                    "are resized to it like the others; check that they belong: %s%s", len(outliers), len(sizes),
+                    " sampled" if len(sizes) < len(paths) else "", *typical, shown, more)
+    return typical
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,24 +141,72 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CLASSIFIER_CACHE", Path.home() / ".cache" / "classifier"))
 
 
+def _tree_size(root: Path) -> dict:
+    """{"files": count, "bytes": total} of the regular files under root, the manifest left out."""
+    files = total = 0
+    for folder, _, names in os.walk(root):
+        for name in names:
+            if folder == str(root) and name == ARCHIVE_MANIFEST:
+                continue
+            files += 1
+            total += os.lstat(os.path.join(folder, name)).st_size
+    return {"files": files, "bytes": total}
+
+
+def _unpacked_copy_is_whole(target: Path) -> bool:
+    """Whether the unpacked copy holds every file its manifest counted; an incomplete one is said."""
+    if not target.exists():
+        return False
+    try:
+        manifest = json.loads((target / ARCHIVE_MANIFEST).read_text())
+        found = _tree_size(target)
+    except (OSError, ValueError) as exc:
+        found, manifest = None, f"no readable manifest ({exc})"
+    if found is not None and found == manifest:
+        return True
+    log.warning("%s: the unpacked copy of the archive is incomplete (%s); unpacking it again", target,
+                manifest if found is None else f"{found['files']} files of the {manifest.get('files')} unpacked")
+    return False
+
+
 def _unpack_archive(archive: Path) -> Path:
-    """Unpack a .tar/.tar.gz once into the cache, keyed by the archive's content hash."""
+    """Unpack a .tar/.tar.gz once into the cache, keyed by the archive's content hash.
+
+    Runs started together on a fresh cache must neither read nor remove each other's half-written
+    copy: under a lock, one process unpacks into a private folder of its own and moves it into place
+    in one rename; the others wait, then find it whole. Each read checks the copy against the
+    manifest written last, and unpacks again (saying so) what a kill or a full disk left incomplete.
+    """
     digest = hashlib.sha256()
     with open(archive, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     target = cache_dir() / "archives" / f"{archive.name.split('.')[0]}-{digest.hexdigest()[:16]}"
-    if (target / ".complete").exists():
-        return target
-    partial = target.with_name(target.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
-    log.info("unpacking %s into %s", archive, target)
-    with tarfile.open(archive) as tar:
-        tar.extractall(partial, filter="data")  # "data" refuses absolute paths, links out, devices
-    (partial / ".complete").touch()
-    if target.exists():  # a half-written copy from an interrupted run
-        shutil.rmtree(target)
-    partial.replace(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if _unpacked_copy_is_whole(target):
+            return target
+        # Whatever is left is from processes that died while unpacking (the lock is ours).
+        for leftover in [target, *target.parent.glob(f".{target.name}.*.partial"),
+                         target.with_name(target.name + ".partial")]:
+            shutil.rmtree(leftover, ignore_errors=True)
+        private = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+        log.info("unpacking %s into %s", archive, target)
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(private, filter="data")  # "data" refuses absolute paths, links out, devices
+            (private / ARCHIVE_MANIFEST).write_text(json.dumps(_tree_size(private)))
+            private.rename(target)
+        except BaseException as exc:
+            shutil.rmtree(private, ignore_errors=True)
+            if isinstance(exc, (tarfile.TarError, EOFError, zlib.error)):
+                raise DataError(f"{archive}: not a whole .tar or .tar.gz archive ({exc}); copy or download it "
+                                f"again") from None
+            error = storage_error(exc, target, "the unpacked archive", "or point CLASSIFIER_CACHE at a disk "
+                                  "with room") if isinstance(exc, Exception) else None
+            if error is None:
+                raise
+            raise error from exc
     return target
 
 
@@ -199,37 +297,134 @@ def _load_folder(root: Path) -> tuple[list[str], dict[str, Split], list[str]]:
     return classes, splits, skipped
 
 
-def _load_csv(csv_path: Path, image_dir: Path | None) -> tuple[list[str], dict[str, Split], list[str]]:
+def _and(items: Sequence) -> str:
+    items = [str(i) for i in items]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _lines(numbers: Sequence[int], shown: int = 5) -> str:
+    more = f" and {len(numbers) - shown} more" if len(numbers) > shown else ""
+    return f"line{'s' if len(numbers) > 1 else ''} {_and(numbers[:shown])}{more}"
+
+
+def _read_csv_rows(csv_path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """(header, [(line number, fields)]) of a CSV in UTF-8, with or without the byte order mark that
+    spreadsheets write ("CSV UTF-8"); blank lines are left out."""
+    raw = csv_path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        # Not guessed at: read as Latin-1, a UTF-8 file would turn its accents into other labels.
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{csv_path}: not UTF-8 text: line {line} holds the byte 0x{raw[exc.start]:02x}, which "
+                        f"UTF-8 cannot decode (saved as Latin-1 or Windows-1252?); save it as 'CSV UTF-8' and try "
+                        f"again") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header, rows = None, []
+    try:
+        for fields in reader:
+            if header is None:
+                header = fields
+            elif any(f.strip() for f in fields):
+                rows.append((reader.line_num, fields))
+    except csv.Error as exc:
+        raise DataError(f"{csv_path}: line {reader.line_num} is not valid CSV ({exc})") from None
+    return header or [], rows
+
+
+def _csv_entries(csv_path: Path, header: list[str], rows) -> list[tuple[int, str, str]]:
+    """[(line, id, label)] of the rows; rows with a missing, empty or extra field are refused, named."""
+    names = [h.strip().lower() for h in header]
+    if "id" not in names or "label" not in names:
+        raise DataError(f"{csv_path}: needs 'id' and 'label' columns, found {header}")
+    id_col, label_col = names.index("id"), names.index("label")
+    entries, problems = [], []
+    for line, fields in rows:
+        if len(fields) > len(header):  # an unquoted comma in a label, or a shifted row
+            problems.append(f"line {line}: {len(fields)} fields, the header has {len(header)}")
+        elif max(id_col, label_col) >= len(fields):
+            problems.append(f"line {line}: no {'label' if label_col >= len(fields) else 'id'}")
+        elif not fields[id_col].strip():
+            problems.append(f"line {line}: empty id")
+        elif not fields[label_col].strip():
+            problems.append(f"line {line}: empty label")
+        else:
+            entries.append((line, fields[id_col].strip(), fields[label_col].strip()))
+    if problems:
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise DataError(f"{csv_path}: {len(problems)} row(s) without a usable id and label: "
+                        f"{'; '.join(problems[:5])}{more}; fix or delete them")
+    if not entries:
+        raise DataError(f"{csv_path}: no rows")
+    return entries
+
+
+def _refuse_duplicates(csv_path: Path, entries, files: list[str]) -> None:
+    """An image listed twice could land in both the training and the test split, or hold two labels."""
+    rows_of = defaultdict(list)
+    for (line, image_id, label), path in zip(entries, files):
+        rows_of[path].append((line, image_id, label))
+    repeated = [rows for rows in rows_of.values() if len(rows) > 1]
+    if repeated:
+        rows = repeated[0]
+        labels = list(dict.fromkeys(label for _, _, label in rows))
+        labelled = f"labelled {labels[0]} each time" if len(labels) == 1 else f"labelled {_and(labels)}"
+        raise DataError(f"{csv_path}: {len(repeated)} image(s) are listed more than once, e.g. '{rows[0][1]}' on "
+                        f"{_lines([line for line, _, _ in rows])} ({labelled}); list each image once (a repeat can "
+                        f"land in both the training and the test split)")
+
+
+def _similar(a: str, b: str) -> bool:
+    a, b = a.casefold(), b.casefold()
+    if a == b:
+        return True
+    if a.isdigit() or b.isdigit():  # 1 and 7 are different classes, not typos of each other
+        return False
+    return difflib.SequenceMatcher(None, a, b).ratio() >= TYPO_SIMILARITY
+
+
+def _refuse_typos(csv_path: Path, entries, classes: Sequence[str] | None) -> None:
+    """A label with few rows that nearly spells a frequent one (`shipp` beside `ship`) is a typo, not
+    a class, unless --classes names both."""
+    counts = Counter(label for _, _, label in entries)
+    listed = set(classes or ())
+    for rare, n in sorted(counts.items(), key=lambda item: item[1]):
+        for common, m in counts.most_common():
+            if common != rare and m >= TYPO_RATIO * n and not {rare, common} <= listed and _similar(rare, common):
+                lines = [line for line, _, label in entries if label == rare]
+                raise DataError(f"{csv_path}: label '{rare}' ({n} row{'s' if n > 1 else ''}: {_lines(lines)}) looks "
+                                f"like a typo of '{common}' ({m} rows); correct it, or name every class with "
+                                f"--classes to keep both")
+
+
+def _load_csv(csv_path: Path, image_dir: Path | None, classes: Sequence[str] | None = None
+              ) -> tuple[list[str], dict[str, Split], list[str]]:
     image_dir = image_dir or csv_path.parent
     if not image_dir.is_dir():
         raise DataError(f"{image_dir}: image folder for {csv_path.name} does not exist")
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        header = {h.strip().lower(): h for h in (reader.fieldnames or [])}
-        if "id" not in header or "label" not in header:
-            raise DataError(f"{csv_path}: needs 'id' and 'label' columns, found {reader.fieldnames}")
-        rows = [(row[header["id"]].strip(), row[header["label"]].strip()) for row in reader]
-    if not rows:
-        raise DataError(f"{csv_path}: no rows")
+    entries = _csv_entries(csv_path, *_read_csv_rows(csv_path))
     by_stem: dict[str, str] = {}
     for path in list_images(image_dir):
         by_stem.setdefault(Path(path).stem, path)
         by_stem.setdefault(Path(path).name, path)
-    missing = [i for i, _ in rows if i not in by_stem]
+    missing = [i for _, i, _ in entries if i not in by_stem]
     if missing:
         raise DataError(
             f"{csv_path}: {len(missing)} id(s) have no image in {image_dir}, "
             f"e.g. {', '.join(missing[:5])}"
         )
-    labels = {label for _, label in rows}
+    files = [by_stem[i] for _, i, _ in entries]
+    _refuse_duplicates(csv_path, entries, files)
+    _refuse_typos(csv_path, entries, classes)
+    labels = {label for _, _, label in entries}
     numeric = all(label.lstrip("-").isdigit() for label in labels)
-    classes = sorted(labels, key=int) if numeric else sorted(labels)
-    if len(classes) < 2:
-        raise DataError(f"{csv_path}: needs at least two distinct labels, found {classes}")
-    index = {c: i for i, c in enumerate(classes)}
-    split = Split([by_stem[i] for i, _ in rows], np.asarray([index[l] for _, l in rows], np.int64))
+    found = sorted(labels, key=int) if numeric else sorted(labels)
+    if len(found) < 2:
+        raise DataError(f"{csv_path}: needs at least two distinct labels, found {found}")
+    index = {c: i for i, c in enumerate(found)}
+    split = Split(files, np.asarray([index[label] for _, _, label in entries], np.int64))
     skipped: list[str] = []
-    return classes, {"train": _drop_unreadable(split, skipped)}, skipped
+    return found, {"train": _drop_unreadable(split, skipped)}, skipped
 
 
 def _load_torchvision(kind: str, root: Path, download: bool):
@@ -303,7 +498,7 @@ def load_data(
         if not path.is_file():
             raise DataError(f"{path}: no such CSV file")
         name = path.stem
-        all_classes, splits, skipped = _load_csv(path, Path(image_dir) if image_dir else None)
+        all_classes, splits, skipped = _load_csv(path, Path(image_dir) if image_dir else None, classes)
     else:
         root = _resolve_dir(source)
         if not root.is_dir():
@@ -323,10 +518,22 @@ def load_data(
     data = DataSplits(name, list(all_classes), train, splits["val"], splits["test"], channels, skipped)
     if classes:
         data = select_classes(data, classes)
+    _refuse_empty_classes(data)
     for split in ("train", "val", "test"):
         if len(getattr(data, split)) == 0 and not (split == "val" and val_fraction == 0):
             raise DataError(f"the {split} split is empty; check the data or the split fractions")
     return data
+
+
+def _refuse_empty_classes(data: DataSplits) -> None:
+    """A class whose every file was unreadable would be a class the model can never learn."""
+    counts = np.bincount(data.train.targets, minlength=data.num_classes)
+    empty = [name for name, count in zip(data.classes, counts) if count == 0]
+    if empty:
+        why = (f" ({len(data.skipped)} unreadable file(s) were left out, e.g. {data.skipped[0]})"
+               if data.skipped else "")
+        raise DataError(f"class '{empty[0]}' has no readable image in the training split{why}; add images to it, "
+                        f"fix or remove its files, or leave the class out with --classes")
 
 
 def select_classes(data: DataSplits, classes: Sequence[str]) -> DataSplits:
@@ -363,23 +570,29 @@ def load_pil(item, channels: int) -> Image.Image:
     return open_image(item, channels)
 
 
-def materialize(split: Split, channels: int, size: int | None = None) -> tuple[Split, list[str]]:
+def materialize(split: Split, channels: int, size: int | tuple[int, int] | None = None) -> tuple[Split, list[str]]:
     """Decode a split of small image files once into a uint8 array (N,H,W[,C]), cached on disk.
 
-    The cache key is the list of paths with their sizes and modification times, so editing, adding
-    or removing any file gives a new cache entry. Unreadable files are dropped and returned.
+    Every image is decoded at `size` (height, width), or an int for a square; None: the split's
+    typical size (typical_image_size), never the first file's. The cache key is the list of paths
+    with their sizes and modification times, so editing, adding or removing any file gives a new
+    cache entry; a cache that cannot be read back is decoded again. Unreadable files are dropped
+    and returned.
     """
     if split.in_memory or len(split) == 0:  # nothing to decode (an empty split: no val with --val-fraction 0)
         return split, []
-    key = hashlib.sha256(f"{channels}:{size}".encode())
+    if size is None:
+        size = typical_image_size(split.items)
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    key = hashlib.sha256(f"{channels}:{height}x{width}".encode())
     for path in split.items:
         st = os.stat(path)
         key.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     key.update(split.targets.tobytes())
     cache = cache_dir() / "decoded" / f"{key.hexdigest()[:24]}.npz"
-    if cache.exists():
-        with np.load(cache) as f:
-            return Split(f["images"], f["targets"]), [str(s) for s in f["skipped"]]
+    cached = _read_decoded(cache, len(split)) if cache.exists() else None
+    if cached is not None:
+        return cached
     images, keep, skipped = [], [], []
     for i, path in enumerate(split.items):
         try:
@@ -387,21 +600,44 @@ def materialize(split: Split, channels: int, size: int | None = None) -> tuple[S
         except ImageError as exc:
             skipped.append(str(exc))
             continue
-        if size and image.size != (size, size):
-            image = image.resize((size, size), Image.BICUBIC)
-        elif images and image.size != (images[0].shape[1], images[0].shape[0]):
-            image = image.resize((images[0].shape[1], images[0].shape[0]), Image.BICUBIC)
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.BICUBIC)
         images.append(np.asarray(image, dtype=np.uint8))
         keep.append(i)
     if not images:  # every file broke after load_data's scan
         raise DataError(f"none of the {len(split)} image(s) of a split could be read:\n  " + "\n  ".join(skipped[:5]))
     array = np.stack(images)
     targets = split.targets[np.asarray(keep, dtype=np.int64)]
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npz")
-    np.savez(tmp, images=array, targets=targets, skipped=np.asarray(skipped, dtype=str))
-    os.replace(tmp, cache)
+    _write_decoded(cache, array, targets, skipped)
     return Split(array, targets), skipped
+
+
+def _read_decoded(cache: Path, count: int) -> tuple[Split, list[str]] | None:
+    """The decoded split in `cache`, or None (said in a warning) when it cannot be read back whole."""
+    try:
+        with np.load(cache) as f:  # reading each array checks its CRC: a damaged byte fails here
+            images, targets, skipped = f["images"], f["targets"], [str(s) for s in f["skipped"]]
+    except Exception as exc:  # noqa: BLE001 - whatever is wrong with a cache, the remedy is to rebuild it
+        log.warning("%s: the decoded-image cache is damaged (%s: %s); decoding the images again", cache,
+                    type(exc).__name__, exc)
+        return None
+    if len(images) != len(targets) or len(targets) + len(skipped) != count:
+        log.warning("%s: the decoded-image cache holds %d images for %d files; decoding the images again", cache,
+                    len(images), count)
+        return None
+    return Split(images, targets), skipped
+
+
+def _write_decoded(cache: Path, images: np.ndarray, targets: np.ndarray, skipped: list[str]) -> None:
+    """Save the decoded split whole or not at all; a cache that cannot be written only costs time."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a path
+            np.savez(f, images=images, targets=targets, skipped=np.asarray(skipped, dtype=str))
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cache, write, "the decoded-image cache", "or point CLASSIFIER_CACHE at a disk with room")
+    except (StorageError, OSError) as exc:
+        log.warning("could not cache the decoded images, going on without: %s", exc)
 
 
 def materialize_small(data: DataSplits) -> DataSplits:
@@ -409,8 +645,9 @@ def materialize_small(data: DataSplits) -> DataSplits:
     if data.train.in_memory or not data.is_small:
         return data
     out, skipped = {}, list(data.skipped)
+    size = data.image_size()  # the training images' typical size: every split is decoded at it
     for name in ("train", "val", "test"):
-        out[name], bad = materialize(getattr(data, name), data.channels)
+        out[name], bad = materialize(getattr(data, name), data.channels, size)
         skipped += bad
     if len(skipped) > len(data.skipped):
         log.warning("skipped %d unreadable file(s):\n  %s", len(skipped) - len(data.skipped),
@@ -445,22 +682,61 @@ def channel_stats(split: Split, channels: int, max_images: int = 5000, seed: int
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
-class ImageDataset(Dataset):
-    """A Split as a torch Dataset of (tensor, target, index); an unreadable image yields None."""
+class EpochSampler(DistributedSampler):
+    """PyTorch's DistributedSampler, whose indices come with their epoch: (index, epoch).
 
-    def __init__(self, split: Split, transform, channels: int = 3):
-        self.split, self.transform, self.channels = split, transform, channels
+    ImageDataset then draws each sample's augmentation from (seed, epoch, index) alone, so what a
+    sample looks like does not depend on which worker process loads it or on what that worker loaded
+    before: a resumed run (fit calls set_epoch) sees exactly what an uninterrupted one saw, with any
+    number of workers. Without it, each persistent worker's random stream runs on from the epochs
+    before, which a resumed run's fresh workers have not seen.
+    """
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return ((index, epoch) for index in super().__iter__())
+
+
+@contextlib.contextmanager
+def sample_random_state(seed: int, epoch: int, index: int) -> Iterator[None]:
+    """torch's and Python's global random streams seeded from (seed, epoch, index) inside, restored
+    after: in a worker process it makes no difference; in the main one (no workers) training's own
+    stream (dropout, mixing) goes on untouched."""
+    value = int(np.random.SeedSequence([seed % 2**32, epoch, index]).generate_state(1)[0])
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(value)
+        random.seed(value)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+
+
+class ImageDataset(Dataset):
+    """A Split as a torch Dataset of (tensor, target, index); an unreadable image yields None.
+
+    With a `seed`, a key (index, epoch) from EpochSampler transforms the image under
+    sample_random_state(seed, epoch, index): the same augmentation in any process, every time.
+    """
+
+    def __init__(self, split: Split, transform, channels: int = 3, seed: int | None = None):
+        self.split, self.transform, self.channels, self.seed = split, transform, channels, seed
 
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, None)
         try:
             image = load_pil(self.split.items[index], self.channels)
         except ImageError as exc:
             log.warning("skipping unreadable image: %s", exc)
             return None
-        return self.transform(image), int(self.split.targets[index]), index
+        if epoch is None or self.seed is None:
+            return self.transform(image), int(self.split.targets[index]), index
+        with sample_random_state(self.seed, epoch, index):
+            return self.transform(image), int(self.split.targets[index]), index
 
 
 def collate_skipping_broken(batch):

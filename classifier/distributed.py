@@ -12,15 +12,22 @@ What the rest of the library relies on:
 - training shards are PyTorch's DistributedSampler (every rank the same number of steps, which
   DDP needs); evaluation shards are `ShardSampler` (no padded repeats, so sums are exact);
 - rank 0 alone writes files and reads checkpoints, and sends what it read to the other ranks
-  (`broadcast_state`), so other machines need not see rank 0's disk.
+  (`broadcast_state`), so other machines need not see rank 0's disk;
+- a rank that stops answering stalls the others at their next collective operation until the
+  timeout (CLASSIFIER_COLLECTIVE_TIMEOUT seconds, 600 by default, where gloo's own is 30 minutes);
+  each process's heartbeat thread tells which rank went silent, where, and since when (`Heartbeat`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
+import socket
+import threading
+import time
 from datetime import timedelta
 from typing import Iterator
 
@@ -29,7 +36,32 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
 
+from classifier.errors import ConfigError, StalledRank, UserError
+
 log = logging.getLogger(__name__)
+
+COLLECTIVE_TIMEOUT_ENV = "CLASSIFIER_COLLECTIVE_TIMEOUT"
+# How long a collective operation waits for a silent rank. Long enough for what rank 0 does alone
+# while the others wait at the next collective (a checkpoint, the bundle and its evaluation files);
+# data preparation, which can take far longer (unpacking, decoding), waits on a group of its own.
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
+PREPARATION_TIMEOUT = timedelta(hours=6)
+_preparation_group = None
+_heartbeat: "Heartbeat | None" = None
+
+
+def collective_timeout() -> timedelta:
+    """CLASSIFIER_COLLECTIVE_TIMEOUT (seconds), else DEFAULT_COLLECTIVE_TIMEOUT_S."""
+    text = os.environ.get(COLLECTIVE_TIMEOUT_ENV, "").strip()
+    if not text:
+        return timedelta(seconds=DEFAULT_COLLECTIVE_TIMEOUT_S)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigError(f"{COLLECTIVE_TIMEOUT_ENV}={text!r}: give a number of seconds above 0, e.g. 600")
+    return timedelta(seconds=seconds)
 
 
 def is_distributed() -> bool:
@@ -92,13 +124,106 @@ def init_from_env(device: str = "auto") -> bool:
     where = {} if store is None else {"store": store, "rank": int(os.environ["RANK"]),
                                       "world_size": int(os.environ["WORLD_SIZE"])}
     on_cuda = torch.cuda.is_available() and (device == "auto" or device.startswith("cuda"))
+    timeout = collective_timeout()
     if on_cuda:
         torch.cuda.set_device(local_rank())
         # device_id binds the group to this process's GPU, so barriers need not guess which GPU.
-        dist.init_process_group(backend="nccl", device_id=torch.device("cuda", local_rank()), **where)
+        dist.init_process_group(backend="nccl", device_id=torch.device("cuda", local_rank()), timeout=timeout,
+                                **where)
     else:
-        dist.init_process_group(backend="gloo", **where)
+        dist.init_process_group(backend="gloo", timeout=timeout, **where)
+    global _preparation_group, _heartbeat
+    _preparation_group = dist.new_group(backend="gloo", timeout=PREPARATION_TIMEOUT)
+    _heartbeat = Heartbeat.start(timeout)
     return True
+
+
+class Heartbeat:
+    """A thread in each process that, every `interval` seconds, writes a beat (a count, this rank's
+    progress, host and pid) to the rendezvous store and reads the other ranks' beats.
+
+    A rank whose count stops moving for `silent_after` seconds is stopped (SIGSTOP, a hung driver,
+    a dead machine): a thread of a healthy process keeps beating even while its main thread waits
+    in a collective. The silence is logged at once on every rank (under nccl the watchdog ends the
+    process at the timeout without a word) and named by `stall_report` when the collective fails.
+    Counts, not clocks, are compared: the machines' clocks need not agree.
+    """
+
+    def __init__(self, store, interval: float):
+        self.store, self.interval, self.silent_after = store, interval, 3 * interval
+        self.progress = "setting up"
+        self.silent: dict[int, str] = {}  # rank -> what it last said and how long ago
+
+    @classmethod
+    def start(cls, timeout: timedelta) -> "Heartbeat | None":
+        address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        if not address or not port:
+            return None
+        try:
+            # A client of the rendezvous store of its own (under torchrun, the agent's): the thread
+            # must not share the process group's connection.
+            store = dist.PrefixStore(f"classifier/heartbeat/{restart_count()}",
+                                     dist.TCPStore(address, int(port), is_master=False, timeout=timedelta(seconds=30)))
+        except Exception as exc:  # noqa: BLE001 - without a heartbeat the run goes on, only less explained
+            log.warning("no heartbeat between the processes (%s): a stalled rank will not be named", exc)
+            return None
+        heartbeat = cls(store, interval=min(5.0, max(0.5, timeout.total_seconds() / 20)))
+        threading.Thread(target=heartbeat._run, name="classifier-heartbeat", daemon=True).start()
+        return heartbeat
+
+    def _run(self) -> None:
+        me, world = rank(), world_size()
+        others = [r for r in range(world) if r != me]
+        seen: dict[int, tuple[int, float]] = {}  # rank -> (its last count, when it last moved)
+        beat = 0
+        identity = {"host": socket.gethostname(), "pid": os.getpid()}
+        while True:
+            beat += 1
+            try:
+                self.store.set(str(me), json.dumps({"beat": beat, "progress": self.progress, **identity}))
+                now = time.monotonic()
+                for other in others:
+                    if self.store.check([str(other)]):
+                        self._watch(other, json.loads(self.store.get(str(other))), seen, now)
+            except Exception:  # noqa: BLE001 - the store is gone: the job is ending, and so is the thread
+                return
+            time.sleep(self.interval)
+
+    def _watch(self, other: int, record: dict, seen: dict, now: float) -> None:
+        last = seen.get(other)
+        if last is None or last[0] != record["beat"]:
+            seen[other] = (record["beat"], now)
+            if self.silent.pop(other, None):
+                log.warning("rank %d answers again", other)
+            return
+        quiet = now - last[1]
+        if quiet >= self.silent_after:
+            if other not in self.silent:
+                log.warning("warning: rank %d (%s, pid %s) has not answered for %.0f s, since %s", other,
+                            record["host"], record["pid"], quiet, record["progress"])
+            self.silent[other] = (f"rank {other} ({record['host']}, pid {record['pid']}) stopped answering "
+                                  f"{quiet:.0f} s ago, at {record['progress']}")
+
+
+def note_progress(epoch: int, step: int) -> None:
+    """Where this rank is, for the heartbeat (a stalled rank is named with it)."""
+    if _heartbeat is not None:
+        _heartbeat.progress = f"epoch {epoch + 1}, step {step}"
+
+
+@contextlib.contextmanager
+def stall_report() -> Iterator[None]:
+    """A collective that failed because a rank went silent, as a StalledRank naming that rank."""
+    try:
+        yield
+    except RuntimeError as exc:  # gloo's timeouts and closed connections; DistBackendError among them
+        if _heartbeat is None or not _heartbeat.silent or isinstance(exc, UserError):
+            raise
+        silent = "; ".join(_heartbeat.silent[r] for r in sorted(_heartbeat.silent))
+        raise StalledRank(f"{silent}. The other processes waited for it at a collective operation until the "
+                          f"timeout ({collective_timeout().total_seconds():g} s, {COLLECTIVE_TIMEOUT_ENV}); look at "
+                          f"that process (stopped? stuck on a disk or the network? out of memory?), then start the "
+                          f"job again with --resume") from exc
 
 
 def restarted() -> bool:
@@ -121,6 +246,8 @@ def _collective_device() -> torch.device:
 
 
 def shutdown() -> None:
+    global _heartbeat, _preparation_group
+    _heartbeat = _preparation_group = None
     if is_distributed():
         dist.destroy_process_group()
 
@@ -198,13 +325,15 @@ def local_main_first():
     same files at once.
     """
     first = local_rank() == 0
+    # The others may wait far longer than for a training step: on a group with a timeout of its own.
+    wait = (lambda: dist.barrier(group=_preparation_group)) if _preparation_group is not None else barrier
     if not first:
-        barrier()
+        wait()
     try:
         yield
     finally:
         if first:
-            barrier()
+            wait()
 
 
 class ShardSampler(Sampler[int]):

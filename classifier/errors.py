@@ -57,5 +57,22 @@ class ConfigError(UserError, ValueError):
     """A configuration (a --config file, a recipe) that names unknown settings or bad values."""
 
 
+class StorageError(UserError, OSError):
+    """A file or folder that cannot be written: a full disk, a read-only or missing folder, a file
+    where a folder should be. Says which path, and what to do."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint to resume from that cannot be read: cut short, damaged, or not a checkpoint."""
+
+
+class TrainingCollapsed(UserError, RuntimeError):
+    """Training ended no better than chance; its model was not written over a good one."""
+
+
+class StalledRank(UserError, RuntimeError):
+    """A process of a distributed run stopped answering; says which rank, where, and since when."""
+
+
 # What the command lines catch and print as one line.
 USER_ERRORS = (UserError,)

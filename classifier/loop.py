@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -22,16 +23,15 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm.auto import tqdm
 
-from classifier import distributed
+from classifier import distributed, files
 from classifier.config import TrainConfig
-from classifier.errors import ResumeMismatch, TrainingDiverged
+from classifier.errors import CheckpointError, ResumeMismatch, TrainingDiverged
 from classifier.models import assert_finite, head_parameters
 from classifier.plots import plot_history
 from classifier.runtime import autocast_dtype, channels_last_pays, pick_device
@@ -54,6 +54,7 @@ class FitResult:
     best_val_loss: float = math.inf
     stopped_early: bool = False
     best_weights: Path | None = None
+    resumes: list[dict] = field(default_factory=list)  # each --resume: the epoch it went on from, what changed
 
 
 def seed_everything(seed: int) -> None:
@@ -83,17 +84,131 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _resume_remedy(checkpoint: Path) -> str:
+    """What to do after a failed write: go on from the last whole checkpoint, if there is one."""
+    if checkpoint.exists():
+        return f"then run the same command with --resume: it goes on from {checkpoint}, which is whole"
+    return "then run the same command again"
+
+
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint whole
+    # A crash or a full disk mid-write leaves the previous checkpoint whole.
+    files.save_torch(obj, path, "the checkpoint", _resume_remedy(path))
 
 
 def _atomic_save_weights(model: nn.Module, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    files.save_safetensors(state, path, "the best weights", _resume_remedy(path.with_name(LAST_CHECKPOINT)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a checkpoint back, and what may differ when a run is resumed
+
+# Settings that may differ from the checkpoint's when a run is resumed: they change nothing it holds
+# (early stopping's patience) or are derived from the machine (channels_last). `epochs` may grow
+# where the schedule allows it (resume_changes); everything else must be as it was.
+RESUME_MAY_DIFFER = frozenset({"patience", "channels_last"})
+# Schedules whose learning rate is a function of the progress through --epochs, recomputed from the
+# run's settings: a larger --epochs stretches what is left of them. OneCycleLR keeps its total step
+# count in its own state, so a onecycle run cannot be extended.
+EXTENSIBLE_SCHEDULES = ("cosine", "constant")
+
+
+def read_checkpoint(path: Path, mmap: bool = False) -> dict:
+    """A checkpoint written by fit(), read with weights_only (tensors and plain data only). One that
+    is cut short, damaged or foreign is a CheckpointError saying what to do, never "retry unsafely"."""
+    remedy = ("delete it (or move it away) to start the run over, or put back a good copy to resume from "
+              "it; start a run elsewhere with another --out")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        # torch's message suggests weights_only=False, which would run whatever the file holds.
+        raise CheckpointError(f"{path} holds objects other than tensors and plain data, so it was not loaded (it "
+                              f"was not written by this project's training, and loading it could run code): "
+                              f"{remedy}") from None
+    except Exception as exc:  # noqa: BLE001 - any failure to read it means it is damaged; said with the path
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(f"{path} is damaged: cut short, or not a checkpoint ({reason}): {remedy}") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "epoch"} <= set(state):
+        raise CheckpointError(f"{path} is not a checkpoint of this project's training (no model, optimizer, "
+                              f"scheduler and epoch): {remedy}")
+    return state
+
+
+def _shown(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _same(a, b) -> bool:
+    """Equal as config.yaml would hold them (a tuple and a list of the same numbers are)."""
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def resume_changes(state: dict, config: TrainConfig, settings: dict | None, steps_per_epoch: int,
+                   path: Path) -> dict:
+    """{setting: [checkpoint's, run's]} of the deliberate changes a resumed run may make (a larger
+    --epochs where the schedule allows it); a ResumeMismatch naming every other difference.
+
+    `settings` are the run's own settings that shape the checkpoint beyond TrainConfig (model, batch
+    size, data, ...; run.resume_settings), recorded in it by fit(). Checkpoints written before they
+    were recorded are compared on what they hold.
+    """
+    recorded, current = dict(state.get("config", {})), asdict(config)
+    differ, allowed, notes = [], {}, []
+    old_epochs = recorded.get("epochs", config.epochs)
+    extending = config.epochs > old_epochs and config.schedule in EXTENSIBLE_SCHEDULES
+    # A recipe's warm-up follows --epochs; once both warm-ups are over, it only shapes what is left
+    # of the schedule, as the larger --epochs does.
+    done = state["epoch"] + 1
+    warmup_over = done >= max(recorded.get("warmup_epochs", 0), config.warmup_epochs)
+    may_differ = RESUME_MAY_DIFFER | {"epochs"} | ({"warmup_epochs"} if extending and warmup_over else set())
+    for key in sorted(set(recorded) & set(current) - may_differ):
+        if not _same(recorded[key], current[key]):
+            differ.append((key, recorded[key], current[key]))
+    if extending and warmup_over and not _same(recorded.get("warmup_epochs"), config.warmup_epochs):
+        allowed["warmup_epochs"] = [recorded.get("warmup_epochs"), config.warmup_epochs]
+    if old_epochs != config.epochs:
+        if extending:
+            allowed["epochs"] = [old_epochs, config.epochs]
+        else:
+            differ.append(("epochs", old_epochs, config.epochs))
+            notes.append(f"--epochs cannot change on resume with the {config.schedule} schedule, which was laid "
+                         f"out for {old_epochs} epochs: to train on, finish this run and start another from its "
+                         f"bundle (--init-from OUT/bundle)" if config.schedule not in EXTENSIBLE_SCHEDULES else
+                         "--epochs may only grow")
+    recorded_settings = dict(state.get("settings") or {})
+    for key in sorted(set(recorded_settings) & set(settings or {})):
+        if not _same(recorded_settings[key], settings[key]):
+            differ.append((key, recorded_settings[key], settings[key]))
+    old_steps = state.get("steps_per_epoch")
+    if old_steps is not None and old_steps != steps_per_epoch:
+        differ.append(("batches per epoch", old_steps, steps_per_epoch))
+        notes.append("the training data changed since the checkpoint (files added or removed?)")
+    if differ:
+        changes = ", ".join(f"{key} {_shown(old)} -> {_shown(new)}" for key, old, new in differ)
+        note = f" ({'; '.join(notes)})" if notes else ""
+        raise ResumeMismatch(f"{path} was written with other settings than this run's: {changes}{note}; resume "
+                             f"with the checkpoint's settings (OUT/config.yaml), or start a new run in another --out")
+    return allowed
+
+
+def check_resumable(path: Path, config: TrainConfig, settings: dict | None, steps_per_epoch: int) -> None:
+    """Refuse to resume from `path` (a CheckpointError or ResumeMismatch on every rank) before anything
+    of the run is written; nothing is done when there is no checkpoint yet. Rank 0 reads it."""
+    error = None
+    if distributed.is_main_process() and path.exists():
+        try:
+            resume_changes(read_checkpoint(path, mmap=True), config, settings, steps_per_epoch, path)
+        except (CheckpointError, ResumeMismatch) as exc:
+            error = {"type": type(exc).__name__, "message": str(exc)}
+    _raise_agreed(error)
+
+
+def _raise_agreed(error: dict | None) -> None:
+    """Rank 0's refusal raised on every rank (a rank left waiting would stall until the timeout)."""
+    error = distributed.broadcast_state(error)
+    if error is not None:
+        raise {"CheckpointError": CheckpointError, "ResumeMismatch": ResumeMismatch}[error["type"]](error["message"])
 
 
 def _set_epoch(loader, epoch: int) -> None:
@@ -195,12 +310,15 @@ def fit(
     resume: bool = False,
     on_epoch_end: Callable[[dict], None] | None = None,
     sync_batchnorm: bool = False,
+    settings: dict | None = None,
 ) -> FitResult:
     """Train `model` in place; at the end it holds the weights of the last epoch trained (their moving
     average, with config.ema_decay).
 
     The best weights by validation loss are in out_dir/best.safetensors (FitResult.best_weights).
-    `on_epoch_end` is called with each epoch's record after its checkpoint is written.
+    `on_epoch_end` is called with each epoch's record after its checkpoint is written. `settings`:
+    the caller's settings that shape the checkpoint beyond `config` (run.resume_settings), recorded
+    in it and compared on resume with `config` (resume_changes).
     """
     out_dir = Path(out_dir)
     is_main = distributed.is_main_process()
@@ -227,18 +345,27 @@ def fit(
     start_epoch, bad_epochs = 0, 0
 
     checkpoint_path = out_dir / LAST_CHECKPOINT
-    state = None
+    state, error = None, None
     if resume and is_main and checkpoint_path.exists():
-        # weights_only refuses anything but tensors and plain data.
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        try:
+            state = read_checkpoint(checkpoint_path)
+            state["changes"] = resume_changes(state, config, settings, len(train_loader), checkpoint_path)
+        except (CheckpointError, ResumeMismatch) as exc:
+            error = {"type": type(exc).__name__, "message": str(exc)}
+    _raise_agreed(error)
     # Rank 0 alone reads and sends the state to the others: every rank resumes from the same
     # checkpoint, and ranks on other machines need not see rank 0's disk.
     state = distributed.broadcast_state(state)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, KeyError, ValueError) as exc:  # what no recorded setting explained
+            raise ResumeMismatch(f"{checkpoint_path} does not fit this run's model or optimiser "
+                                 f"({str(exc).splitlines()[0][:200]}); resume with the settings it was written "
+                                 f"with, or start a new run in another --out") from None
         # The earlier epochs validated (and saved as the best) the average, or the raw weights: the
         # rest of the run must deliver the same kind of model.
         if (ema is None) != ("ema" not in state):
@@ -251,7 +378,11 @@ def fit(
         start_epoch, bad_epochs = state["epoch"] + 1, state["bad_epochs"]
         result.history, result.best_epoch = list(state["history"]), state["best_epoch"]
         result.best_val_loss = state["best_val_loss"]
+        result.resumes = [*state.get("resumes", []), {"at_epoch": start_epoch, "changed": state["changes"]}]
         log.info("resumed from %s at epoch %d", checkpoint_path, start_epoch + 1)
+        for key, (old, new) in state["changes"].items():
+            log.info("resumed with %s %s instead of %s (the %s schedule stretches over the new length)", key,
+                     new, old, config.schedule)
     elif resume:
         log.info("no checkpoint in %s; starting a new run", out_dir)
 
@@ -274,6 +405,7 @@ def fit(
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not is_main,
                    dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 60)
         for step, batch in enumerate(bar):
+            distributed.note_progress(epoch, step)  # a rank that stalls is named with where it was
             if batch is None:
                 continue
             x, y = (t.to(device, non_blocking=True) for t in batch[:2])  # (x, y[, index])
@@ -309,7 +441,11 @@ def fit(
         loss_sum, correct, count = totals.tolist()
         if not math.isfinite(loss_sum):
             raise TrainingDiverged(_diverged_message(epoch, len(train_loader), config, checkpoint_path))
-        assert_finite(model)
+        try:
+            assert_finite(model)  # a BatchNorm statistic can overflow while the loss stays finite
+        except FloatingPointError as exc:
+            raise TrainingDiverged(f"{exc} after epoch {epoch + 1}; nothing of this epoch was saved. "
+                                   f"{_diverged_remedy(config, checkpoint_path)}") from None
         # With a moving average, it is the model this run delivers: its validation decides the best
         # epoch. The raw weights' figures are kept beside it, to show what the average added.
         delivered = model if ema is None else ema.module
@@ -335,6 +471,7 @@ def fit(
                 "rng": _rng_state(), "epoch": epoch, "bad_epochs": bad_epochs,
                 "history": result.history, "best_epoch": result.best_epoch,
                 "best_val_loss": result.best_val_loss, "config": asdict(config),
+                "settings": settings, "steps_per_epoch": len(train_loader), "resumes": result.resumes,
                 **({} if ema is None else {"ema": ema.module.state_dict()}),
             }, checkpoint_path)
             _write_metrics(out_dir, result.history)
@@ -356,15 +493,41 @@ def fit(
     return result
 
 
+def _diverged_remedy(config: TrainConfig, checkpoint: Path) -> str:
+    where = f"; the last good checkpoint is {checkpoint}" if checkpoint.exists() else ""
+    return f"Try a lower --lr (it was {config.lr:g}), --grad-clip 1.0 or --amp off{where}"
+
+
 def _diverged_message(epoch: int, step: int, config: TrainConfig, checkpoint: Path) -> str:
     where = f"; the last good checkpoint is {checkpoint}" if checkpoint.exists() else ""
     return (f"the training loss became NaN or infinite at epoch {epoch + 1}, step {step} "
             f"(lr {config.lr:g}); try a lower --lr, --grad-clip 1.0 or --amp off{where}")
 
 
+def collapse_message(record: dict, val_targets: np.ndarray, num_classes: int, lr: float) -> str | None:
+    """Why the epoch of `record` learned nothing, or None when it did.
+
+    Collapsed: a validation loss no better than guessing uniformly (ln K, where a model that gives
+    every class the same probability sits) and an accuracy not above always answering the most
+    common class by more than two standard errors. A model that learned a little beats one of the two.
+    """
+    n = len(val_targets)
+    if n == 0 or num_classes < 2:
+        return None
+    majority = float(np.bincount(val_targets, minlength=num_classes).max()) / n
+    margin = 2 * math.sqrt(majority * (1 - majority) / n)
+    uniform_loss = math.log(num_classes)
+    if record["val_loss"] < 0.99 * uniform_loss or record["val_acc"] > majority + margin:
+        return None
+    return (f"training collapsed: its best epoch ({record['epoch']}) scores {record['val_acc']:.3f} on the {n} "
+            f"validation images, no better than chance (always answering the most common class scores "
+            f"{majority:.3f}), with a loss of {record['val_loss']:.3f} (guessing evenly: ln {num_classes} = "
+            f"{uniform_loss:.3f}); the learning rate {lr:g} is likely too high: try a lower --lr, or --lr auto")
+
+
 def _write_metrics(out_dir: Path, history: list[dict]) -> None:
     """Rewrite the whole log each epoch, so a resumed run has no duplicated or orphan lines."""
-    tmp = out_dir / (METRICS_LOG + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-    os.replace(tmp, out_dir / METRICS_LOG)
-    plot_history(history, out_dir / CURVES_PNG)
+    remedy = _resume_remedy(out_dir / LAST_CHECKPOINT)
+    files.write_text(out_dir / METRICS_LOG, "".join(json.dumps(r) + "\n" for r in history), "the metrics log", remedy)
+    with files.mapped_errors(out_dir / CURVES_PNG, "the training curves", remedy):
+        plot_history(history, out_dir / CURVES_PNG)

@@ -18,17 +18,19 @@ from pathlib import Path
 import timm
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
-from classifier import distributed
+from classifier import distributed, files
 from classifier.allocator import keep_freed_memory
-from classifier.bundle import EVAL_DIR, LR_FINDER_PNG, Bundle, load_bundle, make_config, save_bundle, stage_record
+from classifier.bundle import (CONFIG_FILE, EVAL_DIR, LR_FINDER_PNG, WEIGHTS_FILE, Bundle, load_bundle, make_config,
+                               save_bundle, stage_record)
 from classifier.config import RunConfig, TrainConfig, write_run_config
-from classifier.data import DataSplits, ImageDataset, channel_stats, collate_skipping_broken, load_data, materialize_small
-from classifier.errors import BundleError, DataError
+from classifier.data import (DataSplits, EpochSampler, ImageDataset, channel_stats, collate_skipping_broken, load_data,
+                             materialize_small)
+from classifier.errors import BundleError, DataError, TrainingCollapsed
 from classifier.evaluate import evaluate_model
 from classifier.fastdata import memory_loaders, use_memory_loader
-from classifier.loop import fit
+from classifier.loop import LAST_CHECKPOINT, check_resumable, collapse_message, fit
 from classifier.lr_finder import LRFinderResult, lr_range_test
 from classifier.model_card import write_model_card
 from classifier.models import count_parameters, create_model, is_project_model, zero_head
@@ -41,6 +43,12 @@ log = logging.getLogger(__name__)
 LR_FINDER_FILE = "lr_finder.json"  # in OUT: the range test's curve, reused by --resume
 RUN_BUNDLE_DIR = "bundle"  # a run's bundle, OUT/bundle, beside its checkpoint OUT/last.pt
 TEST_METRICS_FILE = "test_metrics.json"
+# The settings beyond fit()'s own (TrainConfig) that shape what a checkpoint holds: the data and its
+# splits, the model, the batches. A resumed run must have them as they were (loop.resume_changes).
+# The others (workers, device, loader, tta, mistakes, out) may change between the two.
+RESUME_SETTINGS = ("data", "data_dir", "image_dir", "classes", "val_fraction", "test_fraction", "model",
+                   "pretrained", "pretrained_source", "model_args", "image_size", "init_from",
+                   "init_from_revision", "batch_size")
 
 
 @dataclass
@@ -85,16 +93,21 @@ def _loader(dataset, batch_size: int, *, train: bool, cfg: RunConfig, device: to
     # (seed, epoch) and deals it out rank, rank + N, ..., so the N per-rank batches of step k are
     # together batch k of that permutation: the same global batches for any N (and for a resumed run).
     # Evaluation: ShardSampler, whose shards have no padded repeats, so summed metrics are exact.
+    # The training sampler hands out (index, epoch): each sample's augmentation is drawn from (seed,
+    # epoch, index) (data.EpochSampler), the same in any worker, so a resumed run is exact.
     if train:
-        sampler = DistributedSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
-                                     shuffle=True, seed=cfg.seed, drop_last=False)
+        sampler = EpochSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
+                               shuffle=True, seed=cfg.seed, drop_last=False)
     else:
         sampler = distributed.ShardSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank())
     workers = cfg.workers
+    # A generator of its own: the seeds the loader draws for its workers then leave the global random
+    # stream (dropout, mixing) as it was, which an uninterrupted and a resumed run must share.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                       prefetch_factor=4 if workers else None, collate_fn=collate_skipping_broken,
-                      drop_last=train and len(sampler) > batch_size)
+                      drop_last=train and len(sampler) > batch_size,
+                      generator=torch.Generator().manual_seed(cfg.seed))
 
 
 def load_run_data(cfg: RunConfig) -> DataSplits:
@@ -177,7 +190,8 @@ def prepare(cfg: RunConfig, device: torch.device, data: DataSplits | None = None
                                  interpolation=pcfg["interpolation"], seed=cfg.seed)
     else:
         train_tf, eval_tf = train_transform(pcfg, data.is_small), eval_transform(pcfg, source_size)
-        loaders = (_loader(ImageDataset(data.train, train_tf, in_chans), per_rank, train=True, cfg=cfg, device=device),
+        loaders = (_loader(ImageDataset(data.train, train_tf, in_chans, seed=cfg.seed), per_rank, train=True, cfg=cfg,
+                           device=device),
                    _loader(ImageDataset(data.val, eval_tf, in_chans), per_rank * 2, train=False, cfg=cfg, device=device),
                    _loader(ImageDataset(data.test, eval_tf, in_chans), per_rank * 2, train=False, cfg=cfg, device=device))
     log.info("loader: %s", type(loaders[0]).__name__)
@@ -235,21 +249,34 @@ def find_lr(cfg: RunConfig, setup: Prepared, device: torch.device, out: Path) ->
 
 def run(cfg: RunConfig) -> RunResult:
     """Train and evaluate as `cfg` says; writes checkpoints, logs and config.yaml to cfg.out, the
-    bundle to cfg.out/bundle."""
+    bundle to cfg.out/bundle. Under torchrun, a rank that stops answering is named (StalledRank)."""
+    with distributed.stall_report():
+        return _run(cfg)
+
+
+def _run(cfg: RunConfig) -> RunResult:
     out = Path(cfg.out)
+    if distributed.is_main_process():
+        files.check_output_folder(out)  # a read-only or mistyped --out: said now, not after an epoch
     device = pick_device(cfg.device)
     use_every_core(device)
     keep_freed_memory(device)  # 1.6x faster CPU epochs on glibc: see classifier/allocator.py
     setup = prepare(cfg, device)
     data, model = setup.data, setup.model
     val_loader, test_loader = setup.val_loader, setup.test_loader
-    if distributed.is_main_process():
-        write_run_config(cfg, out)  # the settings, resolved: `--config OUT/config.yaml` runs them again
 
     finder = find_lr(cfg, setup, device, out) if cfg.lr == "auto" else None
     lr = finder.suggestion if finder else cfg.resolved_lr()
-    result = fit(model, setup.train_loader, val_loader, TrainConfig.from_run(cfg, setup.new_head, lr), out,
-                 device=device, resume=cfg.resume, sync_batchnorm=cfg.sync_batchnorm)
+    train_config, settings = TrainConfig.from_run(cfg, setup.new_head, lr), resume_settings(cfg)
+    if cfg.resume:  # refused before config.yaml is rewritten with the settings that do not fit
+        check_resumable(out / LAST_CHECKPOINT, train_config, settings, len(setup.train_loader))
+    if distributed.is_main_process():
+        with files.mapped_errors(out, "the run's config.yaml"):
+            write_run_config(cfg, out)  # the settings, resolved: `--config OUT/config.yaml` runs them again
+    result = fit(model, setup.train_loader, val_loader, train_config, out, device=device, resume=cfg.resume,
+                 sync_batchnorm=cfg.sync_batchnorm, settings=settings)
+    bundle_dir = out / RUN_BUNDLE_DIR
+    collapsed = _refuse_collapse_over_good_bundle(result, data, lr, bundle_dir, out)
 
     # Evaluate the best epoch by validation loss, not merely the last one.
     # Rank 0 wrote them and sends them: other machines need not see its disk.
@@ -260,7 +287,6 @@ def run(cfg: RunConfig) -> RunResult:
     metrics = evaluation.metrics
     metrics.update(best_epoch=result.best_epoch, epochs_trained=len(result.history),
                    stopped_early=result.stopped_early, train_seconds=float(sum(r["seconds"] for r in result.history)))
-    bundle_dir = out / RUN_BUNDLE_DIR
     if distributed.is_main_process():
         project = {
             "dataset": data.name, "classes_selected": cfg.classes, "num_train": len(data.train),
@@ -276,17 +302,56 @@ def run(cfg: RunConfig) -> RunResult:
             project["started_from"] = setup.started_from
         if finder:  # training.lr says "auto"; this says what that meant
             project["lr_finder"] = finder.summary()
+        if result.resumes:  # each --resume: the epoch it went on from, and what it deliberately changed
+            project["resumed"] = result.resumes
+        if collapsed:
+            project["collapsed"] = True
         config = make_config(model, architecture=cfg.model, label_names=data.classes,
                              model_args=setup.model_args | {"in_chans": setup.in_chans}, **setup.pretrained_cfg,
                              project=project)
-        save_bundle(bundle_dir, model, config)
-        evaluation.save(bundle_dir / EVAL_DIR, data, setup.in_chans, cfg.mistakes, history=result.history)
-        if finder and (out / LR_FINDER_PNG).exists():
-            shutil.copyfile(out / LR_FINDER_PNG, bundle_dir / EVAL_DIR / LR_FINDER_PNG)
-        (out / TEST_METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-        write_model_card(bundle_dir)  # README.md, from the files just written; last, so it cannot cost them
+        # Training is over and last.pt holds its end: after a full disk, --resume goes straight here.
+        with files.mapped_errors(bundle_dir, "the bundle", "then run the same command with --resume: training is "
+                                 "done, and it goes straight to writing the bundle"):
+            save_bundle(bundle_dir, model, config)
+            evaluation.save(bundle_dir / EVAL_DIR, data, setup.in_chans, cfg.mistakes, history=result.history)
+            if finder and (out / LR_FINDER_PNG).exists():
+                shutil.copyfile(out / LR_FINDER_PNG, bundle_dir / EVAL_DIR / LR_FINDER_PNG)
+            (out / TEST_METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+            write_model_card(bundle_dir)  # README.md, from the files just written; last, so it cannot cost them
     distributed.barrier()
     return RunResult(bundle_dir, metrics, result.history, setup.parameters)
+
+
+def resume_settings(cfg: RunConfig) -> dict:
+    """The settings a checkpoint records besides fit()'s, to compare on --resume (RESUME_SETTINGS)."""
+    values = asdict(cfg)
+    return {key: values[key] for key in RESUME_SETTINGS}
+
+
+def _good_bundle_at(path: Path) -> bool:
+    """Whether a bundle stands at `path` that is not itself marked collapsed (when in doubt: yes)."""
+    if not (path / CONFIG_FILE).exists() and not (path / WEIGHTS_FILE).exists():
+        return False
+    try:
+        return not json.loads((path / CONFIG_FILE).read_text()).get("classifier", {}).get("collapsed", False)
+    except (OSError, ValueError):
+        return True
+
+
+def _refuse_collapse_over_good_bundle(result, data: DataSplits, lr: float, bundle_dir: Path, out: Path) -> bool:
+    """Whether the run collapsed (said in a warning); a TrainingCollapsed, on every rank, when a good
+    bundle stands where its bundle would go: that one is kept."""
+    if result.best_epoch < 1:
+        return False
+    message = collapse_message(result.history[result.best_epoch - 1], data.val.targets, data.num_classes, lr)
+    if message is None:
+        return False
+    log.warning("warning: %s", message)
+    keep = distributed.broadcast_state({"keep": _good_bundle_at(bundle_dir)} if distributed.is_main_process() else None)
+    if keep["keep"]:
+        raise TrainingCollapsed(f"{message}. The bundle already in {bundle_dir} was kept, not overwritten with this "
+                                f"one (its best weights are in {result.best_weights})")
+    return True
 
 
 def summarize(result: RunResult) -> str:
