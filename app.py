@@ -192,9 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default=None, help="default: $GRADIO_SERVER_NAME or 127.0.0.1")
     parser.add_argument("--port", type=int, default=None, help="default: $GRADIO_SERVER_PORT or 7860")
     args = parser.parse_args(argv)
-    # Predictions reuse the memory the last one freed instead of faulting it in afresh (1.4x the
-    # images/s of the app's TTA pair on one thread: see classifier/allocator.py); before the models load.
-    keep_freed_memory()
+    # Predictions reuse the memory the last one freed instead of faulting it in afresh, bounded so that
+    # floods of large uploads do not grow the app (see classifier/allocator.py); before any thread starts.
+    keep_freed_memory(serving=True)
     try:
         app = build_app(args.models_dir, args.model)
     except (BundleError, HubError) as exc:

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-MODES = ("default", "keep_freed_memory")
+MODES = ("default", "keep_freed_memory", "serving")  # serving: keep_freed_memory(serving=True), the app's
 WORKLOADS = ("steps-nchw", "steps-nhwc", "fit", "predict")
 
 
@@ -101,8 +101,8 @@ def child(args: argparse.Namespace) -> int:
     """One measurement in this process; prints it as one JSON line."""
     from classifier.allocator import keep_freed_memory
 
-    applied = keep_freed_memory() if args.child == "keep_freed_memory" else False
-    if args.child == "keep_freed_memory" and not applied:
+    applied = keep_freed_memory(serving=args.child == "serving") if args.child != "default" else False
+    if args.child != "default" and not applied:
         raise SystemExit("keep_freed_memory() did not apply here (not glibc, or the environment sets malloc up)")
     import torch
 
@@ -142,14 +142,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps or passes first (steps, predict)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated, of " + ", ".join(WORKLOADS))
     p.add_argument("--rounds", type=int, default=2, help="alternating measurements of each")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated, of " + ", ".join(MODES))
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--workload", choices=WORKLOADS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return child(args)
-    workloads = args.workloads.split(",")
+    workloads, modes = args.workloads.split(","), ["default"] + [m for m in args.modes.split(",") if m != "default"]
     if unknown := set(workloads) - set(WORKLOADS):
         p.error(f"unknown workloads {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
+    if unknown := set(modes) - set(MODES):
+        p.error(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
 
     import torch  # only for the thread count the children get too (the same environment)
 
@@ -159,13 +162,13 @@ def main(argv: list[str] | None = None) -> int:
           "speed-up |")
     print("|---|---|---|---|---|---|---|")
     for workload in workloads:
-        runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
+        runs: dict[str, list[dict]] = {mode: [] for mode in modes}
         for _ in range(args.rounds):
-            for mode in MODES:
+            for mode in modes:
                 runs[mode].append(measure(workload, mode, args))
         median = {mode: {key: statistics.median(r[key] for r in rows) for key in rows[0]}
                   for mode, rows in runs.items()}
-        for mode in MODES:
+        for mode in modes:
             m = median[mode]
             ratio = m["images_per_s"] / median["default"]["images_per_s"]
             print(f"| {workload} | {mode} | {m['images_per_s']:.1f} | {m['faults_per_step']:,.0f} | "

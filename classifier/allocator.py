@@ -8,6 +8,18 @@ batch 32, a quarter of the CPU spent in the kernel. Raising both thresholds keep
 the process: 1.6x the images/s of a training epoch there, 1.75x of batched inference, for 6-15% more
 peak memory (`benchmarks/cpu_allocator.py` measures it side by side).
 
+The app needs a bound as well as the speed: Gradio answers requests from a pool of up to 40
+threads, glibc gives each thread an arena of its own (up to 8 per core), and with a 1 GiB trim
+threshold each arena kept what decoding a large upload had used. After three floods of 40 uploads
+of 24 MP the app grew from 0.74 GB to 2.1 GB (2.9x its resting size; 2.0x even with glibc's
+defaults, whose peak was 4.0 GB). `keep_freed_memory(serving=True)` caps the arenas at 2 (the
+app's concurrent predictions), keeps at most 64 MiB free at the top of each heap, serves blocks up
+to 32 MiB (glibc's own dynamic maximum, above a prediction's buffers) from the heap, and hands the
+free memory back (malloc_trim) once the process has grown by 128 MiB since it last looked, which a
+prediction's reused buffers never do: no page faults per prediction, and the app within 1.5x its
+resting size after the floods (benchmarks/app_memory.py, benchmarks/cpu_allocator.py; results in
+benchmarks/results/).
+
 The same can be had without code from the environment (GLIBC_TUNABLES=glibc.malloc.mmap_threshold=
 ...:glibc.malloc.trim_threshold=..., or LD_PRELOAD of tcmalloc); a process started that way keeps
 what it was given.
@@ -20,6 +32,8 @@ import functools
 import logging
 import os
 import platform
+import threading
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -30,12 +44,19 @@ log = logging.getLogger(__name__)
 # mallopt() parameter numbers, from glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 
 # Above the large activations of a CPU fine-tune (lite0 at 160 px, batch 32: 32 x 96 x 80 x 80 floats,
 # 79 MB), so those are reused rather than mapped afresh.
 MMAP_THRESHOLD = 256 << 20
 # How much free memory at the top of the heap the process may keep instead of returning it.
 TRIM_THRESHOLD = 1 << 30
+# Serving (the app): bounded, see the module's docstring.
+SERVING_MMAP_THRESHOLD = 32 << 20
+SERVING_TRIM_THRESHOLD = 64 << 20
+SERVING_ARENA_MAX = 2
+SERVING_TRIM_GROWTH = 128 << 20  # resident growth (bytes) past which the free memory is handed back
+SERVING_TRIM_EVERY_S = 1.0
 
 
 def configured_elsewhere() -> bool:
@@ -45,21 +66,53 @@ def configured_elsewhere() -> bool:
             or "MALLOC_TRIM_THRESHOLD_" in os.environ or "malloc" in os.environ.get("LD_PRELOAD", ""))
 
 
-def keep_freed_memory(device: torch.device | None = None) -> bool:
+def keep_freed_memory(device: torch.device | None = None, serving: bool = False) -> bool:
     """Raise glibc's mmap and trim thresholds for this process (once); True if they are now raised.
 
     `device`: where the work runs; nothing is done for a GPU (None: the caller cannot tell yet, as
-    the app before its models load). A no-op (False) too where the C library is not glibc (macOS,
-    Windows, musl) or the environment set the allocator up itself. It changes where memory comes
-    from, never what is computed.
+    the app before its models load). `serving`: the bounded setting of a server answering from many
+    threads (the app), called before its threads start. A no-op (False) too where the C library is
+    not glibc (macOS, Windows, musl) or the environment set the allocator up itself. It changes
+    where memory comes from, never what is computed.
     """
     if device is not None and device.type != "cpu":
         return False
-    return _raise_thresholds()
+    if serving:
+        applied = _raise_thresholds(SERVING_MMAP_THRESHOLD, SERVING_TRIM_THRESHOLD, SERVING_ARENA_MAX)
+        if applied:
+            _start_trimming(SERVING_TRIM_GROWTH, SERVING_TRIM_EVERY_S)
+        return applied
+    return _raise_thresholds(MMAP_THRESHOLD, TRIM_THRESHOLD)
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:  # pages: size, resident, ...
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@functools.cache  # one thread per process
+def _start_trimming(growth: int, every: float) -> None:
+    """A thread that hands free memory back to the system (malloc_trim) when the process has grown
+    by `growth` bytes since it last did, or since it was smallest: after a flood of large uploads,
+    not between predictions, whose buffers come and go at the same size."""
+    malloc_trim = ctypes.CDLL(None).malloc_trim
+    malloc_trim.argtypes, malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
+
+    def trim() -> None:
+        low = _resident_bytes()
+        while True:
+            time.sleep(every)
+            now = _resident_bytes()
+            if now > low + growth:
+                malloc_trim(0)
+                now = _resident_bytes()
+            low = min(low, now) if now <= low + growth else now
+
+    threading.Thread(target=trim, name="classifier-malloc-trim", daemon=True).start()
 
 
 @functools.cache  # process-wide, so once is enough
-def _raise_thresholds() -> bool:
+def _raise_thresholds(mmap_threshold: int, trim_threshold: int, arena_max: int | None = None) -> bool:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or configured_elsewhere():
         return False
     try:
@@ -68,8 +121,10 @@ def _raise_thresholds() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     # mallopt returns 1 on success; setting either threshold also stops glibc adjusting it itself.
-    applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    applied = bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
+    if arena_max is not None:
+        applied = applied and bool(mallopt(M_ARENA_MAX, arena_max))
     if applied:
-        log.debug("glibc malloc: mmap threshold %d MiB, trim threshold %d MiB", MMAP_THRESHOLD >> 20,
-                  TRIM_THRESHOLD >> 20)
+        log.debug("glibc malloc: mmap threshold %d MiB, trim threshold %d MiB, arenas %s", mmap_threshold >> 20,
+                  trim_threshold >> 20, arena_max or "glibc's")
     return applied

@@ -160,12 +160,14 @@ def _unpacked_copy_is_whole(target: Path) -> bool:
     try:
         manifest = json.loads((target / ARCHIVE_MANIFEST).read_text())
         found = _tree_size(target)
-    except (OSError, ValueError) as exc:
-        found, manifest = None, f"no readable manifest ({exc})"
+    except (OSError, ValueError):
+        found, manifest = None, "no manifest to check it against: cut short, or unpacked by an older version"
     if found is not None and found == manifest:
         return True
-    log.warning("%s: the unpacked copy of the archive is incomplete (%s); unpacking it again", target,
-                manifest if found is None else f"{found['files']} files of the {manifest.get('files')} unpacked")
+    if found is not None:
+        manifest = (f"{found['files']:,} files of {found['bytes']:,} bytes, where {manifest['files']:,} of "
+                    f"{manifest['bytes']:,} were unpacked")
+    log.warning("%s: the unpacked copy of the archive is incomplete (%s); unpacking it again", target, manifest)
     return False
 
 

@@ -381,8 +381,8 @@ def fit(
         result.resumes = [*state.get("resumes", []), {"at_epoch": start_epoch, "changed": state["changes"]}]
         log.info("resumed from %s at epoch %d", checkpoint_path, start_epoch + 1)
         for key, (old, new) in state["changes"].items():
-            log.info("resumed with %s %s instead of %s (the %s schedule stretches over the new length)", key,
-                     new, old, config.schedule)
+            log.info("resumed with %s %s instead of the checkpoint's %s: the %s schedule follows it from here "
+                     "(recorded in the bundle)", key, new, old, config.schedule)
     elif resume:
         log.info("no checkpoint in %s; starting a new run", out_dir)
 
@@ -444,7 +444,7 @@ def fit(
         try:
             assert_finite(model)  # a BatchNorm statistic can overflow while the loss stays finite
         except FloatingPointError as exc:
-            raise TrainingDiverged(f"{exc} after epoch {epoch + 1}; nothing of this epoch was saved. "
+            raise TrainingDiverged(f"{exc} after epoch {epoch + 1}, and nothing of this epoch was saved; "
                                    f"{_diverged_remedy(config, checkpoint_path)}") from None
         # With a moving average, it is the model this run delivers: its validation decides the best
         # epoch. The raw weights' figures are kept beside it, to show what the average added.
@@ -495,13 +495,12 @@ def fit(
 
 def _diverged_remedy(config: TrainConfig, checkpoint: Path) -> str:
     where = f"; the last good checkpoint is {checkpoint}" if checkpoint.exists() else ""
-    return f"Try a lower --lr (it was {config.lr:g}), --grad-clip 1.0 or --amp off{where}"
+    return f"try a lower --lr (it was {config.lr:g}), --grad-clip 1.0 or --amp off{where}"
 
 
 def _diverged_message(epoch: int, step: int, config: TrainConfig, checkpoint: Path) -> str:
-    where = f"; the last good checkpoint is {checkpoint}" if checkpoint.exists() else ""
-    return (f"the training loss became NaN or infinite at epoch {epoch + 1}, step {step} "
-            f"(lr {config.lr:g}); try a lower --lr, --grad-clip 1.0 or --amp off{where}")
+    return (f"the training loss became NaN or infinite at epoch {epoch + 1}, step {step}; "
+            f"{_diverged_remedy(config, checkpoint)}")
 
 
 def collapse_message(record: dict, val_targets: np.ndarray, num_classes: int, lr: float) -> str | None:

@@ -276,7 +276,7 @@ def _run(cfg: RunConfig) -> RunResult:
     result = fit(model, setup.train_loader, val_loader, train_config, out, device=device, resume=cfg.resume,
                  sync_batchnorm=cfg.sync_batchnorm, settings=settings)
     bundle_dir = out / RUN_BUNDLE_DIR
-    collapsed = _refuse_collapse_over_good_bundle(result, data, lr, bundle_dir, out)
+    collapsed = _refuse_collapse_over_good_bundle(result, data, lr, bundle_dir)
 
     # Evaluate the best epoch by validation loss, not merely the last one.
     # Rank 0 wrote them and sends them: other machines need not see its disk.
@@ -338,7 +338,7 @@ def _good_bundle_at(path: Path) -> bool:
         return True
 
 
-def _refuse_collapse_over_good_bundle(result, data: DataSplits, lr: float, bundle_dir: Path, out: Path) -> bool:
+def _refuse_collapse_over_good_bundle(result, data: DataSplits, lr: float, bundle_dir: Path) -> bool:
     """Whether the run collapsed (said in a warning); a TrainingCollapsed, on every rank, when a good
     bundle stands where its bundle would go: that one is kept."""
     if result.best_epoch < 1:

@@ -76,3 +76,33 @@ print(faults() - before)
                                        check=True, cwd=ROOT, env=env).stdout) for mode in ("default", "keep")}
     assert faults["default"] >= 10 * 16_000
     assert faults["keep"] <= 2 * 16_384
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's; elsewhere keep_freed_memory is a no-op (tested above)")
+def test_serving_keeps_a_prediction_s_buffers_and_returns_an_upload_s():
+    """The app's setting (benchmarks/app_memory.py measures it under floods of uploads): buffers the
+    size of a prediction's (16 MB here) are reused, a decoded 24 MP photo's (64 MB) handed back at
+    once rather than kept for the next upload."""
+    code = """
+import resource, sys, torch
+from classifier.allocator import keep_freed_memory
+assert keep_freed_memory(serving=True) is True
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def rss_kb():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1])
+torch.ones(1 << 22)
+before = faults()
+for _ in range(10):
+    torch.ones(1 << 22)  # 16 MB, freed at once
+small = faults() - before
+resting = rss_kb()
+big = torch.ones(1 << 24)  # 64 MB
+del big
+print(small, rss_kb() - resting)
+"""
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+    small_faults, kept_kb = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                                    check=True, cwd=ROOT, env=env).stdout.split())
+    assert small_faults <= 2 * 4_096  # 16 MB is 4,096 pages: faulted in once at most, not ten times
+    assert kept_kb < 8 * 1024  # the 64 MB went back to the system

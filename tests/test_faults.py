@@ -552,3 +552,46 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed runs (a real stopped rank under torchrun: benchmarks/faults.py stalled-rank)
+
+
+def test_a_rank_whose_heartbeat_stops_is_named_when_the_collective_fails(monkeypatch):
+    """Fault: a stopped torchrun rank stalled the job silently for gloo's 30 minutes."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from classifier import distributed
+    from classifier.errors import StalledRank
+
+    heartbeat = distributed.Heartbeat(dist.HashStore(), interval=0.1)
+    seen: dict = {}
+    beat = {"beat": 7, "progress": "epoch 2, step 3", "host": "node-b", "pid": 4242}
+    heartbeat._watch(1, beat, seen, now=100.0)
+    heartbeat._watch(1, beat, seen, now=100.2)
+    assert not heartbeat.silent  # two beats of quiet: not yet
+    heartbeat._watch(1, beat, seen, now=100.4)
+    assert heartbeat.silent[1].startswith("rank 1 (node-b, pid 4242) stopped answering 0 s ago, at epoch 2, step 3")
+    monkeypatch.setattr(distributed, "_heartbeat", heartbeat)
+    monkeypatch.setenv(distributed.COLLECTIVE_TIMEOUT_ENV, "20")
+    assert distributed.collective_timeout() == timedelta(seconds=20)
+    with pytest.raises(StalledRank, match=r"rank 1 \(node-b.*until the timeout \(20 s, CLASSIFIER_COLLECTIVE_TIMEOUT\)"):
+        with distributed.stall_report():
+            raise RuntimeError("[gloo] Timed out waiting 20000ms for recv operation to complete")
+    heartbeat._watch(1, {**beat, "beat": 8}, seen, now=100.6)  # it answers again
+    assert not heartbeat.silent
+    with pytest.raises(RuntimeError, match="Timed out"):  # no silent rank: the error as it was
+        with distributed.stall_report():
+            raise RuntimeError("[gloo] Timed out waiting 20000ms for recv operation to complete")
+
+
+def test_a_bad_collective_timeout_is_one_line(monkeypatch):
+    from classifier import distributed
+    from classifier.errors import ConfigError
+
+    monkeypatch.setenv(distributed.COLLECTIVE_TIMEOUT_ENV, "ten minutes")
+    with pytest.raises(ConfigError, match="CLASSIFIER_COLLECTIVE_TIMEOUT='ten minutes'"):
+        distributed.collective_timeout()

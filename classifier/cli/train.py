@@ -197,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args, given = parse(argv)
+        distributed.init_from_env(args.device)  # a bad CLASSIFIER_COLLECTIVE_TIMEOUT is a ConfigError
     except ConfigError as exc:
         return report(exc)
-    distributed.init_from_env(args.device)
     is_main = distributed.is_main_process()
     # Under torchrun every process runs this; rank 0 reports progress, the others only problems.
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s",
