@@ -15,8 +15,8 @@ of 24 MP the app grew from 0.74 GB to 2.1 GB (2.9x its resting size; 2.0x even w
 defaults, whose peak was 4.0 GB). `keep_freed_memory(serving=True)` caps the arenas at 2 (the
 app's concurrent predictions), keeps at most 64 MiB free at the top of each heap, serves blocks up
 to 32 MiB (glibc's own dynamic maximum, above a prediction's buffers) from the heap, and hands the
-free memory back (malloc_trim) once the process has grown by 128 MiB since it last looked, which a
-prediction's reused buffers never do: no page faults per prediction, and the app within 1.5x its
+free memory back (malloc_trim) while the process stays 128 MiB above the smallest it has been, which
+a prediction's reused buffers never make it: no page faults per prediction, and the app within 1.5x its
 resting size after the floods (benchmarks/app_memory.py, benchmarks/cpu_allocator.py; results in
 benchmarks/results/).
 
@@ -91,22 +91,26 @@ def _resident_bytes() -> int:
 
 
 @functools.cache  # one thread per process
-def _start_trimming(growth: int, every: float) -> None:
-    """A thread that hands free memory back to the system (malloc_trim) when the process has grown
-    by `growth` bytes since it last did, or since it was smallest: after a flood of large uploads,
-    not between predictions, whose buffers come and go at the same size."""
+def _start_trimming(growth: int, every: float, patience: int = 30) -> None:
+    """A thread that hands free memory back to the system (malloc_trim) while the process stays more
+    than `growth` bytes above the smallest it has been: after a flood of large uploads, not between
+    predictions, whose buffers come and go at the same size. When `patience` trims in a row leave it
+    above, it holds that much more for good (a second model loaded): that becomes the floor."""
     malloc_trim = ctypes.CDLL(None).malloc_trim
     malloc_trim.argtypes, malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
 
     def trim() -> None:
-        low = _resident_bytes()
+        floor, failed = _resident_bytes(), 0
         while True:
             time.sleep(every)
             now = _resident_bytes()
-            if now > low + growth:
+            if now > floor + growth:
                 malloc_trim(0)
                 now = _resident_bytes()
-            low = min(low, now) if now <= low + growth else now
+                failed = failed + 1 if now > floor + growth else 0
+                if failed >= patience:
+                    floor, failed = now, 0
+            floor = min(floor, now)
 
     threading.Thread(target=trim, name="classifier-malloc-trim", daemon=True).start()
 
