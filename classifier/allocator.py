@@ -15,8 +15,8 @@ of 24 MP the app grew from 0.74 GB to 2.1 GB (2.9x its resting size; 2.0x even w
 defaults, whose peak was 4.0 GB). `keep_freed_memory(serving=True)` caps the arenas at 2 (the
 app's concurrent predictions), keeps at most 64 MiB free at the top of each heap, serves blocks up
 to 32 MiB (glibc's own dynamic maximum, above a prediction's buffers) from the heap, and hands the
-free memory back (malloc_trim) while the process stays 128 MiB above the smallest it has been, which
-a prediction's reused buffers never make it: no page faults per prediction, and the app within 1.5x its
+free memory back (malloc_trim) whenever malloc holds more than 128 MiB of it, which a prediction's
+reused buffers never make it hold: no page faults per prediction, and the app within 1.5x its
 resting size after the floods (benchmarks/app_memory.py, benchmarks/cpu_allocator.py; results in
 benchmarks/results/).
 
@@ -55,7 +55,7 @@ TRIM_THRESHOLD = 1 << 30
 SERVING_MMAP_THRESHOLD = 32 << 20
 SERVING_TRIM_THRESHOLD = 64 << 20
 SERVING_ARENA_MAX = 2
-SERVING_TRIM_GROWTH = 128 << 20  # resident growth (bytes) past which the free memory is handed back
+SERVING_TRIM_HELD = 128 << 20  # free memory (bytes) malloc may hold before it is handed back
 SERVING_TRIM_EVERY_S = 1.0
 
 
@@ -80,39 +80,40 @@ def keep_freed_memory(device: torch.device | None = None, serving: bool = False)
     if serving:
         applied = _raise_thresholds(SERVING_MMAP_THRESHOLD, SERVING_TRIM_THRESHOLD, SERVING_ARENA_MAX)
         if applied:
-            _start_trimming(SERVING_TRIM_GROWTH, SERVING_TRIM_EVERY_S)
+            _start_trimming(SERVING_TRIM_HELD, SERVING_TRIM_EVERY_S)
         return applied
     return _raise_thresholds(MMAP_THRESHOLD, TRIM_THRESHOLD)
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as f:  # pages: size, resident, ...
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+class _MallInfo2(ctypes.Structure):
+    """glibc's struct mallinfo2 (2.33 and later), summed over every arena."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
 @functools.cache  # one thread per process
-def _start_trimming(growth: int, every: float, patience: int = 30) -> None:
-    """A thread that hands free memory back to the system (malloc_trim) while the process stays more
-    than `growth` bytes above the smallest it has been: after a flood of large uploads, not between
-    predictions, whose buffers come and go at the same size. When `patience` trims in a row leave it
-    above, it holds that much more for good (a second model loaded): that becomes the floor."""
-    malloc_trim = ctypes.CDLL(None).malloc_trim
+def _start_trimming(held: int, every: float) -> bool:
+    """A thread that hands free memory back to the system (malloc_trim) whenever malloc holds more
+    than `held` bytes free, looking every `every` seconds: after large uploads, not between
+    predictions, whose buffers come and go at the same size. A trim costs milliseconds. False where
+    glibc is older than 2.33 (no mallinfo2): the thresholds alone then bound the arenas."""
+    libc = ctypes.CDLL(None)
+    try:
+        mallinfo2, malloc_trim = libc.mallinfo2, libc.malloc_trim
+    except AttributeError:
+        return False
+    mallinfo2.restype = _MallInfo2
     malloc_trim.argtypes, malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
 
     def trim() -> None:
-        floor, failed = _resident_bytes(), 0
         while True:
             time.sleep(every)
-            now = _resident_bytes()
-            if now > floor + growth:
+            if mallinfo2().fordblks > held:
                 malloc_trim(0)
-                now = _resident_bytes()
-                failed = failed + 1 if now > floor + growth else 0
-                if failed >= patience:
-                    floor, failed = now, 0
-            floor = min(floor, now)
 
     threading.Thread(target=trim, name="classifier-malloc-trim", daemon=True).start()
+    return True
 
 
 @functools.cache  # process-wide, so once is enough

@@ -250,7 +250,8 @@ class _Numbers(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        i = key[0] if isinstance(key, tuple) else key  # the training sampler's (index, epoch), as ImageDataset
         return torch.tensor([float(i)]), 0, i
 
 

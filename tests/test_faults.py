@@ -310,6 +310,27 @@ def test_resume_is_exact_with_worker_processes(tmp_path, monkeypatch):
     assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in whole.history]
 
 
+def test_a_sample_is_augmented_the_same_whatever_ran_before_it(shapes):
+    """The root of the exact resume above: (index, epoch) alone decides a sample's augmentation, and
+    the caller's random stream is left as it was."""
+    from classifier.data import EpochSampler, ImageDataset
+    from classifier.transforms import train_transform
+    from tests.conftest import preprocessing
+
+    data = load_data(str(shapes), val_fraction=0.2)
+    dataset = ImageDataset(data.train, train_transform(preprocessing(32), small=False), seed=3)
+    first = dataset[(4, 2)][0]
+    torch.manual_seed(123)
+    torch.rand(1000)  # another worker's history
+    state = torch.get_rng_state()
+    assert torch.equal(dataset[(4, 2)][0], first)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not torch.equal(dataset[(4, 3)][0], first)  # another epoch, another augmentation
+    sampler = EpochSampler(dataset, num_replicas=1, rank=0, seed=0)
+    sampler.set_epoch(5)
+    assert {epoch for _, epoch in sampler} == {5} and sorted(i for i, _ in sampler) == list(range(len(dataset)))
+
+
 # ----------------------------------------------------------------------------------------------
 # Damaged checkpoints, numbers gone bad, output folders, a full disk
 
