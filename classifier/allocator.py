@@ -11,13 +11,14 @@ peak memory (`benchmarks/cpu_allocator.py` measures it side by side).
 The app needs a bound as well as the speed: Gradio answers requests from a pool of up to 40
 threads, glibc gives each thread an arena of its own (up to 8 per core), and with a 1 GiB trim
 threshold each arena kept what decoding a large upload had used. After three floods of 40 uploads
-of 24 MP the app grew from 0.74 GB to 2.1 GB (2.9x its resting size; 2.0x even with glibc's
-defaults, whose peak was 4.0 GB). `keep_freed_memory(serving=True)` caps the arenas at 2 (the
+of 24 MP the app grew from 0.74 GB to 2.1 GB (2.9x its resting size; 1.6-2.2x even with glibc's
+defaults, whose peak was 3.9 GB). `keep_freed_memory(serving=True)` caps the arenas at 2 (the
 app's concurrent predictions), keeps at most 64 MiB free at the top of each heap, serves blocks up
 to 32 MiB (glibc's own dynamic maximum, above a prediction's buffers) from the heap, and hands the
 free memory back (malloc_trim) whenever malloc holds more than 128 MiB of it, which a prediction's
-reused buffers never make it hold: no page faults per prediction, and the app within 1.5x its
-resting size after the floods (benchmarks/app_memory.py, benchmarks/cpu_allocator.py; results in
+reused buffers never make it hold. After the same floods the app is back at its resting size
+(0.73-0.75 GB, a 1.65 GB peak), with no page faults per prediction: 1.48x the images/s of glibc's
+defaults on the app's TTA pair (benchmarks/app_memory.py, benchmarks/cpu_allocator.py; results in
 benchmarks/results/).
 
 The same can be had without code from the environment (GLIBC_TUNABLES=glibc.malloc.mmap_threshold=
