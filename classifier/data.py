@@ -1,4 +1,5 @@
-"""Where images come from: CIFAR-10, Fashion-MNIST, a folder of images, a CSV of ids and labels.
+"""Where images come from: CIFAR-10, Fashion-MNIST, a folder of images, a CSV of ids and labels,
+a Hugging Face dataset (classifier.hf_data).
 
 `load_data` turns a user's `--data` argument into `DataSplits`: class names plus train, validation
 and test `Split`s. A Split is a list of file paths, or an in-memory uint8 array for the small
@@ -14,7 +15,7 @@ import logging
 import os
 import shutil
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
+from classifier import hf_data
 from classifier.errors import DataError, ImageError
 from classifier.images import open_image
 
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLIT_DIR_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 SMALL_IMAGE_MAX_SIDE = 64  # at or below this, images are decoded once into memory and padded-cropped
+GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}  # Pillow modes without colour
+GREY_SAMPLE = 400  # how many files (spread over the training split) decide that a source is grey
 
 
 @dataclass
@@ -61,6 +65,7 @@ class DataSplits:
     test: Split
     channels: int = 3
     skipped: list[str] = field(default_factory=list)  # unreadable files left out, with reasons
+    carved: tuple[str, ...] = ()  # the splits ("val", "test") carved out of train rather than given by the source
 
     @property
     def num_classes(self) -> int:
@@ -252,6 +257,27 @@ def _load_torchvision(kind: str, root: Path, download: bool):
     return list(train.classes), {"train": as_split(train), "test": as_split(test)}
 
 
+def is_grey(split: Split, sample: int = GREY_SAMPLE) -> bool:
+    """Whether the images of a split of files have no colour (Pillow's grey modes), judged on up to
+    `sample` files spread evenly over it (their headers only): grey sources train one-channel models."""
+    if split.in_memory or len(split) == 0:
+        return False
+    for i in np.linspace(0, len(split) - 1, min(sample, len(split))).astype(int):
+        try:
+            with Image.open(split.items[i]) as image:
+                if image.mode not in GREY_MODES:
+                    return False
+        except Exception:
+            continue  # unreadable: left out later, and says nothing about colour
+    return True
+
+
+def _load_hf(source: str, image_column: str | None, label_column: str | None
+             ) -> tuple[str, list[str], dict[str, Split]]:
+    name, classes, found = hf_data.load_hf(source, cache_dir(), image_column, label_column)
+    return name, classes, {split: Split(paths, targets) for split, (paths, targets) in found.items()}
+
+
 BUILTIN = {"cifar10": "cifar10", "cifar-10": "cifar10", "fashion-mnist": "fashion-mnist",
            "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist"}
 
@@ -279,11 +305,15 @@ def load_data(
     test_fraction: float = 0.1,
     seed: int = 0,
     download: bool = True,
+    image_column: str | None = None,
+    label_column: str | None = None,
 ) -> DataSplits:
-    """Resolve `source` (a built-in name, a folder, an archive or a CSV) into train/val/test splits.
+    """Resolve `source` (a built-in name, a folder, an archive, a CSV, or a Hugging Face dataset:
+    hf:OWNER/NAME or a folder written by save_to_disk) into train/val/test splits.
 
     Splits the source already has are kept; a missing validation split is carved from train, and a
-    missing test split too, stratified by class with `seed`.
+    missing test split too, stratified by class with `seed` (DataSplits.carved names them). A source
+    of files whose images are all grey is read with one channel.
     """
     if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1:
         raise DataError("--val-fraction and --test-fraction must be in [0, 1)")
@@ -298,6 +328,8 @@ def load_data(
         else:
             all_classes, splits = _load_torchvision(kind, root, download)
         channels = 1 if kind == "fashion-mnist" else 3
+    elif hf_data.is_hf_source(source):
+        name, all_classes, splits = _load_hf(source, image_column, label_column)
     elif source.lower().endswith(".csv"):
         path = Path(source).expanduser()
         if not path.is_file():
@@ -313,14 +345,17 @@ def load_data(
     if skipped:
         log.warning("skipped %d unreadable file(s):\n  %s", len(skipped), "\n  ".join(skipped))
 
+    if not kind and is_grey(splits["train"]):
+        channels = 1
     train = splits["train"]
+    carved = tuple(split for split in ("val", "test") if split not in splits)
     if "test" not in splits:
         keep, held = stratified_split(train.targets, test_fraction, seed)
         train, splits["test"] = train.subset(keep), train.subset(held)
     if "val" not in splits:
         keep, held = stratified_split(train.targets, val_fraction, seed + 1)
         train, splits["val"] = train.subset(keep), train.subset(held)
-    data = DataSplits(name, list(all_classes), train, splits["val"], splits["test"], channels, skipped)
+    data = DataSplits(name, list(all_classes), train, splits["val"], splits["test"], channels, skipped, carved)
     if classes:
         data = select_classes(data, classes)
     for split in ("train", "val", "test"):
@@ -346,8 +381,7 @@ def select_classes(data: DataSplits, classes: Sequence[str]) -> DataSplits:
         sub = split.subset(idx)
         return Split(sub.items, old_to_new[sub.targets])
 
-    return DataSplits(data.name, list(classes), pick(data.train), pick(data.val), pick(data.test),
-                      data.channels, data.skipped)
+    return replace(data, classes=list(classes), train=pick(data.train), val=pick(data.val), test=pick(data.test))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,8 +449,7 @@ def materialize_small(data: DataSplits) -> DataSplits:
     if len(skipped) > len(data.skipped):
         log.warning("skipped %d unreadable file(s):\n  %s", len(skipped) - len(data.skipped),
                     "\n  ".join(skipped[len(data.skipped):]))
-    return DataSplits(data.name, data.classes, out["train"], out["val"], out["test"], data.channels,
-                      skipped)
+    return replace(data, train=out["train"], val=out["val"], test=out["test"], skipped=skipped)
 
 
 def channel_stats(split: Split, channels: int, max_images: int = 5000, seed: int = 0
