@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import re
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -44,9 +45,10 @@ from torch import nn
 from classifier import distributed
 from classifier.config import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_TIME_BUDGET, FAST_LR_PER_EXAMPLE,
                                RUN_CONFIG_FILE, RUN_FIELDS, RunConfig, apply_recipe, default_lr, load_yaml)
-from classifier.data import DataSplits, load_pil
+from classifier.data import DataSplits, load_pil, preload_side, shrink, will_preload
 from classifier.models import create_model, is_project_model
 from classifier.pretrained import offline_weights_available
+from classifier.transforms import train_transform
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +59,20 @@ FINETUNE_BATCH, SCRATCH_BATCH = 32, DEFAULT_BATCH_SIZE
 MIN_STEPS_PER_EPOCH = 8
 IMAGES_PER_RUN = 4000  # fine-tuning: epochs x training images, roughly (benchmarks/own_photos.py)
 MIN_EPOCHS, MAX_EPOCHS = 3, 15
+# An input size is taken only if at least this many epochs fit the budget at it (or all those wanted,
+# if fewer): a bigger input in three epochs, the first of which trains the head alone, learns less
+# than a slightly smaller one in five.
+SIZE_EPOCHS = 5
 PATIENCE_FROM_EPOCHS = 10
 # Input sizes tried, largest first: the first whose estimated run fits the budget is taken.
 PHOTO_SIZES = (224, 192, 160, 128, 112, 96)
 SMALL_IMAGE_SIZES = (128, 112, 96, 80, 64)  # small images upscaled for a pretrained model
 SCRATCH_PHOTO_SIZES = (128, 96, 64)
 PROBE_SIZE = 128
+# How a step's cost grows with the input side before it is measured at two sizes: pixels alone give
+# 2; EfficientNet-Lite0 on a 2-core CPU grows as about 2.8 (73, 32 and 7 training images/s at 96, 128
+# and 224 px), a GPU nearer 2.
+COST_EXPONENT = 2.5
 # What a run spends besides its epochs: building the model, saving the bundle, the model card and
 # the plots, the range test's set-up. Measured on the 2-core CPU (benchmarks/own_photos.py).
 FIXED_SECONDS = 12.0
@@ -85,16 +95,18 @@ class Plan:
 @dataclass
 class Costs:
     """Seconds per image on this machine at one input size: a training step (forward and backward),
-    an evaluation (forward), and decoding the data's own images."""
+    an evaluation (forward), decoding one of the data's own images, and augmenting one."""
 
     train: float
     eval: float
-    decode: float
+    decode: float = 0.0
+    augment: float = 0.0
+    exponent: float = COST_EXPONENT  # compute cost ~ side ** exponent
 
     def at(self, size: int, probed: int) -> "Costs":
-        """The compute costs at `size`, scaled by its pixels from those probed at `probed`."""
-        scale = (size / probed) ** 2
-        return Costs(self.train * scale, self.eval * scale, self.decode)
+        """The compute costs at `size`, scaled from those probed at `probed`."""
+        scale = (size / probed) ** self.exponent
+        return Costs(self.train * scale, self.eval * scale, self.decode, self.augment, self.exponent)
 
 
 def inferred_given(cfg: RunConfig) -> set[str]:
@@ -185,55 +197,68 @@ def probe_costs(model: nn.Module, size: int, in_chans: int, device: torch.device
     return train, (time.perf_counter() - started) / batch
 
 
-def decode_seconds(data: DataSplits, sample: int = 6) -> float:
-    """Seconds to open and decode one of the data's training images (0 where they are in memory)."""
+def data_seconds(data: DataSplits, augment, size: int, sample: int = 4) -> tuple[float, float]:
+    """(seconds to decode one of the data's training images, to augment one) on a few of them;
+    (0, 0) where the images are in memory already."""
     if data.train.in_memory or len(data.train) == 0:
-        return 0.0
-    step = max(1, len(data.train) // sample)
-    picked = list(range(0, len(data.train), step))[:sample]
-    started = time.perf_counter()
+        return 0.0, 0.0
+    picked = list(range(0, len(data.train), max(1, len(data.train) // sample)))[:sample]
+    images, started = [], time.perf_counter()
     for i in picked:
         try:
-            load_pil(data.train.items[i], data.channels)
+            images.append(load_pil(data.train.items[i], data.channels))
         except Exception:
             pass
-    return (time.perf_counter() - started) / len(picked)
+    decode = (time.perf_counter() - started) / len(picked)
+    started = time.perf_counter()
+    for image in images:
+        augment(shrink(image, preload_side(size)))
+    return decode, (time.perf_counter() - started) / max(len(images), 1)
 
 
 # ----------------------------------------------------------------------------------------------
 # The plan
 
 
-def run_seconds(costs: Costs, data: DataSplits, epochs: int, finder_images: int, tta_passes: int = 1) -> float:
+def run_seconds(costs: Costs, data: DataSplits, epochs: int, finder_images: int, preloaded: bool,
+                tta_passes: int = 1) -> float:
     """The estimated length of a run: its epochs (training and validation), the range test, the
-    final evaluation of validation and test, and FIXED_SECONDS."""
+    final evaluation of validation and test, and FIXED_SECONDS. `preloaded`: the photos are decoded
+    once, up front (data.will_preload), not in every epoch."""
     n_train, n_val, n_test = len(data.train), len(data.val), len(data.test)
-    train, evaluate = costs.train + costs.decode, costs.eval + costs.decode
-    epoch = n_train * train + n_val * evaluate
-    final = (n_val + n_test) * (costs.eval * tta_passes + costs.decode)
-    return FIXED_SECONDS + epochs * epoch + finder_images * train + final
+    if preloaded:
+        once = (n_train + n_val + n_test) * costs.decode
+        train, validate, final = costs.train + costs.augment, costs.eval, costs.eval * tta_passes
+    else:
+        once = 0.0
+        train, validate = costs.train + costs.decode + costs.augment, costs.eval + costs.decode
+        final = costs.eval * tta_passes + costs.decode
+    epoch = n_train * train + n_val * validate
+    return FIXED_SECONDS + once + epochs * epoch + finder_images * train + (n_val + n_test) * final
 
 
 def plan_size(costs: Costs, probed: int, data: DataSplits, sizes: tuple[int, ...], wanted: int, least: int,
-              budget: float, finder_steps: int, batch: int, stretch: bool) -> tuple[int, int, float]:
+              budget: float, finder_steps: int, batch: int, stretch: bool, in_chans: int = 3) -> tuple[int, int, float]:
     """(input size, epochs, estimated seconds): the largest size whose run of at least `least`
     epochs fits `budget` seconds, with as many of the `wanted` epochs as fit. Where none fits, the
     smallest size: with as many epochs as fit (at least one) when `stretch` is False (the user's own
     budget), else with `least` epochs, over the budget."""
 
+    def seconds(size: int, epochs: int) -> float:
+        return run_seconds(costs.at(size, probed), data, epochs, finder_steps * batch,
+                           will_preload(data, in_chans, size))
+
     def fitting(size: int) -> int:
-        at = costs.at(size, probed)
-        spare = budget - run_seconds(at, data, 0, finder_steps * batch)
-        per_epoch = run_seconds(at, data, 1, 0) - run_seconds(at, data, 0, 0)
-        return int(spare // max(per_epoch, 1e-9))
+        per_epoch = seconds(size, 1) - seconds(size, 0)
+        return int((budget - seconds(size, 0)) // max(per_epoch, 1e-9))
 
     for size in sizes:
         if fitting(size) >= least:
             chosen = min(wanted, fitting(size))
-            return size, chosen, run_seconds(costs.at(size, probed), data, chosen, finder_steps * batch)
+            return size, chosen, seconds(size, chosen)
     smallest = sizes[-1]
     chosen = least if stretch else max(1, min(wanted, fitting(smallest)))
-    return smallest, chosen, run_seconds(costs.at(smallest, probed), data, chosen, finder_steps * batch)
+    return smallest, chosen, seconds(smallest, chosen)
 
 
 def recorded_choices(cfg: RunConfig) -> dict | None:
@@ -338,30 +363,38 @@ def _plan(values: dict, data: DataSplits, device: torch.device, sizes: tuple[int
     """(size, epochs, estimated seconds, training images/s at that size) from a probe of the model.
     With --lr auto and no --lr-finder-steps, it also sets values["lr_finder_steps"]: as many steps
     (MIN_LR_FINDER_STEPS to LR_FINDER_STEPS) as fit in FINDER_SHARE of the budget."""
-    in_chans = 3 if RunConfig(**values).resolved_pretrained() else data.channels
+    in_chans = data.channels  # grey data trains one-channel models, pretrained ones too
     args = dict(values["model_args"])
     registered = timm.models.get_pretrained_cfg(values["model"])
     probe_size = min(PROBE_SIZE, max(sizes))
     if registered is not None and registered.fixed_input_size and is_project_model(values["model"]):
         args.setdefault("img_size", probe_size)
+    started = time.perf_counter()
     model = create_model(values["model"], num_classes=data.num_classes, in_chans=in_chans, pretrained=False, **args)
-    batch = min(16, values["batch_size"])
-    costs = Costs(*probe_costs(model, probe_size, in_chans, device, batch), decode_seconds(data))
+    batch = min(8 if device.type == "cpu" else 16, values["batch_size"])
+    augment = train_transform({"input_size": [in_chans, probe_size, probe_size], "mean": [0.5] * in_chans,
+                               "std": [0.5] * in_chans, "interpolation": "bicubic", "crop_pct": 0.875},
+                              data.is_small, values["augment"], values["random_erasing"])
+    costs = Costs(*probe_costs(model, probe_size, in_chans, device, batch), *data_seconds(data, augment, probe_size))
     if values["lr"] == "auto" and values["lr_finder_steps"] is None:
         per_step = values["batch_size"] * (costs.train + costs.decode)
         values["lr_finder_steps"] = int(min(LR_FINDER_STEPS, max(MIN_LR_FINDER_STEPS, FINDER_SHARE * budget / per_step)))
     finder = values["lr_finder_steps"] if values["lr"] == "auto" else 0
     wanted = values["epochs"]
-    # At least MIN_EPOCHS (the first trains the head alone), unless the user named the epochs.
-    least = wanted if epochs_given else min(MIN_EPOCHS, wanted)
+    # At least SIZE_EPOCHS (the first trains the head alone), unless the user named the epochs.
+    least = wanted if epochs_given else min(SIZE_EPOCHS, wanted)
     plan = plan_size(costs, probe_size, data, sizes, wanted, least, budget, finder, values["batch_size"],
-                     stretch=not budget_given)
+                     stretch=not budget_given, in_chans=in_chans)
     if plan[0] != probe_size:
-        # Pixels are not the whole cost (caches, memory): measure the chosen size itself and plan again.
-        probe_size = plan[0]
-        costs = Costs(*probe_costs(model, probe_size, in_chans, device, batch), costs.decode)
+        # Measure the chosen size itself, learn from the two probes how the cost grows with the
+        # input, and plan again with what is left of the budget.
+        first, first_size, probe_size = costs, probe_size, plan[0]
+        costs = Costs(*probe_costs(model, probe_size, in_chans, device, batch), costs.decode, costs.augment)
+        growth = math.log(costs.train / first.train) / math.log(probe_size / first_size)
+        costs.exponent = min(3.5, max(1.5, growth))
+        left = budget - (time.perf_counter() - started)
         plan = plan_size(costs, probe_size, data, tuple(s for s in sizes if s <= probe_size), wanted, least,
-                         budget, finder, values["batch_size"], stretch=not budget_given)
+                         left, finder, values["batch_size"], stretch=not budget_given, in_chans=in_chans)
     size, chosen, estimate = plan
-    speed = 1 / max(costs.at(size, probe_size).train + costs.decode, 1e-9)
+    speed = 1 / max(costs.at(size, probe_size).train, 1e-9)
     return size, chosen, estimate, speed

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
+from tqdm.auto import tqdm
 
 from classifier import hf_data
 from classifier.errors import DataError, ImageError
@@ -500,3 +502,77 @@ def collate_skipping_broken(batch):
     """default_collate over the readable samples of a batch; None when none of them is."""
     batch = [b for b in batch if b is not None]
     return default_collate(batch) if batch else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Photos decoded once
+
+
+PRELOAD_MEMORY = 1.5 * 2**30  # bytes: a run decodes its photos once, up front, only when they fit in this
+
+
+def preload_bytes(split: Split, channels: int, size: int, shorter_side: int | None) -> int:
+    """About what PreloadedImages would hold for `split`: shrunk images (3:2 at most) or eval tensors."""
+    per_image = int(shorter_side * shorter_side * 1.5 * channels) if shorter_side else size * size * channels * 4
+    return len(split) * per_image
+
+
+def preload_side(size: int) -> int:
+    """The shorter side training photos are kept at when preloaded: twice the input, so that a
+    random crop of a quarter of the image is still sharp at the input size."""
+    return 2 * size
+
+
+def will_preload(data: DataSplits, in_chans: int, size: int) -> bool:
+    """Whether a run decodes its photos once, up front (data.PreloadedImages): files, not small
+    images (those are decoded into memory already), and all of them within PRELOAD_MEMORY."""
+    if data.train.in_memory or data.is_small:
+        return False
+    needed = (preload_bytes(data.train, in_chans, size, preload_side(size))
+              + preload_bytes(data.val, in_chans, size, None) + preload_bytes(data.test, in_chans, size, None))
+    return needed <= PRELOAD_MEMORY
+
+
+def shrink(image: Image.Image, shorter_side: int) -> Image.Image:
+    """`image` made smaller, if it is, so that its shorter side is `shorter_side` (bicubic)."""
+    scale = shorter_side / min(image.size)
+    if scale >= 1:
+        return image
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC,
+                        reducing_gap=3.0)
+
+
+class PreloadedImages(Dataset):
+    """ImageDataset for a split of photo files, decoded once, up front, rather than in every epoch.
+
+    A phone's photo takes 100 ms or more to decode, and a run reads each one every epoch. With
+    `shorter_side` (training) each image is kept shrunk to it, and the augmentation, which crops and
+    resizes anyway, works on the small copy. Without (evaluation) each is kept as the output of
+    `transform`, the eval transform: exactly what decoding it every time would give. Decoding runs
+    in `threads` threads (Pillow releases the GIL), with a progress bar. Unreadable files yield None.
+    """
+
+    def __init__(self, split: Split, transform, channels: int = 3, shorter_side: int | None = None,
+                 threads: int = 2, what: str = "images"):
+        self.split, self.transform, self.channels, self.shorter_side = split, transform, channels, shorter_side
+
+        def decode(index: int):
+            try:
+                image = load_pil(split.items[index], channels)
+            except ImageError as exc:
+                log.warning("skipping unreadable image: %s", exc)
+                return None
+            return shrink(image, shorter_side) if shorter_side else transform(image)
+
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            self.items = list(tqdm(pool.map(decode, range(len(split))), total=len(split), leave=False,
+                                   desc=f"decoding {what}", unit="image"))
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int):
+        item = self.items[index]
+        if item is None:
+            return None
+        return (self.transform(item) if self.shorter_side else item), int(self.split.targets[index]), index

@@ -309,7 +309,9 @@ class _CardFacts:
         return ("## Calibration\n\n"
                 f"The probabilities are temperature-scaled: logits are divided by **T = {t:.4g}**, fitted on "
                 f"the {calibration.get('fitted_on', 'validation')} split, so that a confidence of 0.9 means "
-                f"right about nine times in ten.{check} Expected calibration error (ECE, 15 bins) on the {split} split:\n\n"
+                f"right about nine times in ten.{check} Expected calibration error (ECE, 15 bins) on the {split} split"
+                + (" (the one T was fitted on, so the held-out figures are the honest ones)" if split == "validation" else "")
+                + ":\n\n"
                 + table +
                 "This project's `Predictor` applies T; with plain timm, divide the logits by it yourself "
                 "(see below).")

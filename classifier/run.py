@@ -28,7 +28,8 @@ from classifier.auto import resolve
 from classifier.bundle import (CONFIG_FILE, EVAL_DIR, LR_FINDER_PNG, Bundle, load_bundle, make_config, save_bundle,
                                stage_record)
 from classifier.config import DEFAULT_BATCH_SIZE, RunConfig, TrainConfig, default_lr, write_run_config
-from classifier.data import DataSplits, ImageDataset, channel_stats, collate_skipping_broken, load_data, materialize_small
+from classifier.data import (DataSplits, ImageDataset, PreloadedImages, channel_stats, collate_skipping_broken,
+                             load_data, materialize_small, preload_side, will_preload)
 from classifier.errors import BundleError, DataError
 from classifier.evaluate import evaluate_model
 from classifier.fastdata import memory_loaders, use_memory_loader
@@ -154,9 +155,10 @@ class Prepared:
 
 
 def prepare(cfg: RunConfig, device: torch.device, data: DataSplits | None = None,
-            source: Bundle | None = None) -> Prepared:
+            source: Bundle | None = None, preload: bool = False) -> Prepared:
     """Data, model and loaders for `cfg`. Pass `data` to reuse splits already loaded (a search), and
-    `source` for the bundle of cfg.init_from when the caller has loaded it already."""
+    `source` for the bundle of cfg.init_from when the caller has loaded it already. `preload`:
+    decode photos once, up front, where they fit in memory (`will_preload`), rather than every epoch."""
     pretrained = cfg.resolved_pretrained()
     data = data if data is not None else load_run_data(cfg)
     if source is None and cfg.init_from:
@@ -200,9 +202,16 @@ def prepare(cfg: RunConfig, device: torch.device, data: DataSplits | None = None
     else:
         train_tf = train_transform(pcfg, data.is_small, cfg.augment, cfg.random_erasing)
         eval_tf = eval_transform(pcfg, source_size)
-        loaders = (_loader(ImageDataset(data.train, train_tf, in_chans), per_rank, train=True, cfg=cfg, device=device),
-                   _loader(ImageDataset(data.val, eval_tf, in_chans), per_rank * 2, train=False, cfg=cfg, device=device),
-                   _loader(ImageDataset(data.test, eval_tf, in_chans), per_rank * 2, train=False, cfg=cfg, device=device))
+        if preload and will_preload(data, in_chans, size):
+            datasets = (PreloadedImages(data.train, train_tf, in_chans, preload_side(size), what="training photos"),
+                        PreloadedImages(data.val, eval_tf, in_chans, what="validation photos"),
+                        PreloadedImages(data.test, eval_tf, in_chans, what="test photos"))
+        else:
+            datasets = tuple(ImageDataset(split, tf, in_chans) for split, tf in
+                             ((data.train, train_tf), (data.val, eval_tf), (data.test, eval_tf)))
+        loaders = (_loader(datasets[0], per_rank, train=True, cfg=cfg, device=device),
+                   _loader(datasets[1], per_rank * 2, train=False, cfg=cfg, device=device),
+                   _loader(datasets[2], per_rank * 2, train=False, cfg=cfg, device=device))
     log.info("loader: %s", type(loaders[0]).__name__)
     return Prepared(data, pcfg, source_size, model, model_args, in_chans, pretrained, new_head, parameters, *loaders,
                     started_from=stage_record(source, cfg.init_from) if source is not None else None)
@@ -310,7 +319,7 @@ def run(cfg: RunConfig, given: set[str] | None = None) -> RunResult:
     if plan.warning:
         log.warning("warning: %s", plan.warning)
     out = Path(cfg.out)
-    setup = prepare(cfg, device, data=data)
+    setup = prepare(cfg, device, data=data, preload=True)
     model = setup.model
     val_loader, test_loader = setup.val_loader, setup.test_loader
     if distributed.is_main_process():

@@ -276,3 +276,46 @@ def test_predict_on_a_labelled_folder_scores_it_and_writes_the_mistakes(tiny_bun
     rows = list(csv.DictReader(open(mistakes)))
     assert len(rows) == total - right and all(r["true"] != r["predicted"] for r in rows)
     assert f"wrote {total - right} mistake(s) to {mistakes}" in out
+
+
+def test_photos_decoded_once_give_what_decoding_every_epoch_gives(tmp_path):
+    from classifier.data import ImageDataset, PreloadedImages, will_preload
+    from classifier.transforms import eval_transform, train_transform
+    from tests.conftest import preprocessing
+
+    folder = make_image_folder(tmp_path / "photos", per_class=4, size=300, fmt="jpg")
+    data = load_data(str(folder), val_fraction=0.2, test_fraction=0.2)
+    pcfg = preprocessing(96, crop_pct=0.875, interpolation="bicubic")
+    assert will_preload(data, 3, 96)
+    evaluated = PreloadedImages(data.train, eval_transform(pcfg), 3)
+    plain = ImageDataset(data.train, eval_transform(pcfg), 3)
+    for i in range(len(plain)):  # evaluation: exactly the eval transform of each file
+        assert torch.equal(evaluated[i][0], plain[i][0]) and evaluated[i][1:] == plain[i][1:]
+    trained = PreloadedImages(data.train, train_transform(pcfg, small=False), 3, shorter_side=192)
+    assert min(trained.items[0].size) == 192 and trained[0][0].shape == (3, 96, 96)
+
+
+def test_a_run_naming_only_its_data_chooses_the_rest_and_reports_honestly(tmp_path, capsys):
+    """The zero-flag path end to end (trained from scratch here to stay quick: --no-pretrained):
+    the choices, the summary, and eval/ drawn from the validation split, larger than the carved test."""
+    from classifier.cli import train
+
+    folder = make_image_folder(tmp_path / "photos", per_class=8, size=80, splits=("train", "val"), fmt="jpg")
+    out = tmp_path / "run"
+    assert train.main(["--data", str(folder), "--no-pretrained", "--time-budget", "0.25", "--workers", "0",
+                       "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "no test split in the data: the test split is 3 images carved from the training images" in printed
+    metrics = json.loads((out / "bundle" / "eval" / "metrics.json").read_text())
+    assert metrics["split"] == "validation" and metrics["num_samples"] == 24
+    assert f"validation accuracy {describe_accuracy(metrics['accuracy'], metrics['accuracy_ci95'], 24)}" in printed
+    assert metrics["splits"]["test"]["origin"] == "carved from the training images"
+    assert metrics["splits"]["validation"]["used_for"] == ["choosing the best epoch", "fitting the temperature"]
+    assert set(metrics["calibration"]) >= {"kept", "temperature", "criterion", "held_out", "reason"}
+    mistakes = json.loads((out / "bundle" / "eval" / "mistakes.json").read_text())
+    assert all("/val/" in m["source"] for m in mistakes)  # the gallery shows validation images
+    project = json.loads((out / "bundle" / "config.json").read_text())["classifier"]
+    assert project["training"]["model"] == "fast_cnn" and project["choices"]["model"].startswith("--no-pretrained")
+    assert {"image_size", "batch_size", "epochs"} <= set(project["choices"])  # --out was given
+    card = (out / "bundle" / "README.md").read_text()
+    assert "95% interval" in card and "carved from the training images" in card
