@@ -327,7 +327,7 @@ def resolve(cfg: RunConfig, data: DataSplits, device: torch.device, given: set[s
     estimate, warning = None, None
     if values["image_size"] is None and not candidate.init_from and (pretrained or not data.is_small):
         sizes = (SMALL_IMAGE_SIZES if data.is_small else PHOTO_SIZES) if pretrained else SCRATCH_PHOTO_SIZES
-        epochs_given = "epochs" in given or values["recipe"] == "fast"
+        epochs_given = "epochs" in given
         size, epochs, estimate, speed = _plan(values, data, device, sizes, budget, budget_given, epochs_given)
         values["image_size"] = size
         budget_text = f"{minutes:g}-minute budget"

@@ -381,7 +381,7 @@ def summarize(result: RunResult) -> str:
     """What a run ends with: each split's accuracy with its interval and size, the worst classes,
     what calibration did, where the bundle is, and the commands that come next."""
     m = result.metrics
-    shown = m["split"]
+    shown = m.get("split", "test")
     splits = m.get("splits", {})
     lines = [f"{shown} accuracy {describe_accuracy(m['accuracy'], m.get('accuracy_ci95'), m['num_samples'])}"
              f"  macro F1 {m['macro_f1']:.3f}  (eval/ shows this split)"]
