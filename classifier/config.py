@@ -8,8 +8,10 @@ three layers, each over the one before (as timm's `--config` works):
     RunConfig defaults  <  a policy (--recipe fast: airbench's recipe)  <  a config file (--config
     recipes/NAME.yaml)  <  flags given on the command line
 
-A run writes its resolved configuration to OUT/config.yaml, which `--config` reads back: any run
-can be repeated from its own folder.
+Settings left at None (and model "auto") are chosen from the data when the run starts, by
+classifier.auto: the model, input size, batch size, epochs, learning rate, early stopping and the
+run folder. A run writes its resolved configuration to OUT/config.yaml, which `--config` reads back:
+any run can be repeated from its own folder.
 """
 
 from __future__ import annotations
@@ -34,22 +36,25 @@ class RunConfig:
     data: str = "cifar10"
     data_dir: str | None = None
     image_dir: str | None = None
+    image_column: str | None = None  # a Hugging Face dataset's image column (None: found by type or name)
+    label_column: str | None = None  # and its label column
     classes: list[str] | None = None
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     # model
-    model: str = "fast_cnn"
+    model: str = "auto"  # "auto": a pretrained EfficientNet-Lite0 for photos and small data, fast_cnn for big small-image data
     pretrained: bool | None = None  # None: pretrained for timm models, from scratch for ours
     pretrained_source: str = "auto"
     model_args: dict = field(default_factory=dict)
-    image_size: int | None = None  # None: the data's own size from scratch, the model's when pretrained
+    image_size: int | None = None  # None: the data's own size from scratch; fine-tuning: from the images and the time budget
     init_from: str | None = None  # a bundle (folder or Hub id) whose weights the run starts from
     init_from_revision: str | None = None  # with a Hub init_from: its branch, tag or commit (None: the latest)
     # optimisation (the part fit() reads: TrainConfig)
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float | str | None = None  # None: 0.05 SGD / 1e-3 AdamW (x batch_size/128); "auto": LR finder
-    lr_finder_steps: int = 200  # steps of the range test that lr="auto" runs
+    epochs: int | None = None  # None: 10 from scratch; fine-tuning: from the data's size and the time budget
+    batch_size: int | None = None  # None: 128 from scratch, 32 fine-tuning, smaller for a few hundred images
+    lr: float | str | None = None  # None: default_lr(); "auto": the LR finder's suggestion
+    lr_finder_steps: int | None = None  # steps of the range test lr="auto" runs (None: 100, fewer on a tight budget)
+    time_budget: float | None = None  # minutes for the whole run; None: DEFAULT_TIME_BUDGET where the choice is ours
     optimizer: str = "sgd"
     momentum: float = 0.9
     nesterov: bool = True
@@ -57,6 +62,8 @@ class RunConfig:
     schedule: str = "onecycle"
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
+    augment: str = "default"  # the training augmentation policy: classifier.transforms.AUGMENTS
+    random_erasing: float = 0.0  # share of training images with a random box erased (timm's RandomErasing)
     mixup: float = 0.0
     cutmix: float = 0.0
     grad_clip: float | None = None
@@ -64,14 +71,14 @@ class RunConfig:
     ema_warmup: bool = False
     freeze_epochs: int | None = None  # None: 1 when fine-tuning a pretrained model, else 0
     backbone_lr_scale: float | None = None  # None: 0.1 when fine-tuning, else 1
-    patience: int | None = None
+    patience: int | None = None  # None: no early stopping, except on long fine-tuning runs (classifier.auto)
     amp: str = "auto"
     device: str = "auto"
     workers: int = min(4, os.cpu_count() or 1)
     loader: str = "auto"  # "memory": data as tensors on the device (classifier.fastdata); "workers": DataLoader
     seed: int = 0
     # outputs
-    out: str = "runs/latest"
+    out: str | None = None  # None: runs/<data>-<model>-<date>-<time>, a new folder per run
     resume: bool = False
     tta: str = "none"  # test-time augmentation in the evaluation (classifier.tta), recorded in the bundle
     mistakes: int = 200
@@ -82,13 +89,32 @@ class RunConfig:
     def resolved_pretrained(self) -> bool:
         return (not is_project_model(self.model)) if self.pretrained is None else self.pretrained
 
-    def resolved_lr(self) -> float:
+    def resolved_lr(self, fine_tuning: bool = False) -> float:
         if self.lr == "auto":
             raise ValueError("lr='auto' is resolved by run() with the learning-rate finder")
         if self.lr is not None:
             return self.lr
-        base = 0.05 if self.optimizer == "sgd" else 1e-3
-        return base * self.batch_size / 128
+        return default_lr(self.optimizer, self.batch_size or DEFAULT_BATCH_SIZE, fine_tuning)
+
+
+# What None means where classifier.auto does not choose (and what TrainConfig starts from).
+DEFAULT_EPOCHS = 10
+DEFAULT_BATCH_SIZE = 128
+# The peak learning rate of a run that names none, per example of a batch, by optimiser: from
+# scratch 0.05 (SGD) or 1e-3 (AdamW) at batch 128; fine-tuning a pretrained body under a new head
+# (body at a tenth of it), SGD 0.01 at batch 32 (0.02, the measured default of fine-tuning
+# EfficientNet-Lite0: benchmarks/own_photos.py) and AdamW 1e-3. Both follow the batch size linearly.
+SCRATCH_LR = {"sgd": 0.05 / 128, "adamw": 1e-3 / 128}
+FINETUNE_LR = {"sgd": 0.02 / 32, "adamw": 1e-3 / 32}
+DEFAULT_TIME_BUDGET = 2.5  # minutes: what a run of ours aims to fit in, unless --time-budget says otherwise
+
+
+def default_lr(optimizer: str, batch_size: int, fine_tuning: bool = False) -> float:
+    """The measured default peak learning rate (see SCRATCH_LR, FINETUNE_LR)."""
+    table = FINETUNE_LR if fine_tuning else SCRATCH_LR
+    if optimizer not in table:
+        raise ConfigError(f"unknown optimizer '{optimizer}' (sgd or adamw)")
+    return table[optimizer] * batch_size
 
 
 RUN_FIELDS = tuple(f.name for f in fields(RunConfig))
@@ -100,7 +126,7 @@ class TrainConfig:
     """The settings fit() reads, resolved: a number for every rate, a count for every epoch. Its
     defaults are RunConfig's for a model trained from scratch (TrainConfig.from_run)."""
 
-    epochs: int = _DEFAULTS.epochs
+    epochs: int = DEFAULT_EPOCHS
     lr: float = _DEFAULTS.resolved_lr()
     optimizer: str = _DEFAULTS.optimizer  # "sgd" or "adamw"
     momentum: float = _DEFAULTS.momentum
@@ -137,7 +163,8 @@ class TrainConfig:
         """
         shared = {f.name: getattr(cfg, f.name) for f in fields(cls) if f.name in RUN_FIELDS}
         shared.update(
-            lr=lr if lr is not None else cfg.resolved_lr(),
+            epochs=cfg.epochs if cfg.epochs is not None else DEFAULT_EPOCHS,
+            lr=lr if lr is not None else cfg.resolved_lr(fine_tuning=new_head),
             freeze_epochs=cfg.freeze_epochs if cfg.freeze_epochs is not None else int(new_head),
             backbone_lr_scale=cfg.backbone_lr_scale if cfg.backbone_lr_scale is not None else (0.1 if new_head else 1.0))
         return cls(**shared)
@@ -164,7 +191,10 @@ FAST_WARMUP_SHARE = 0.23
 
 def resolve_recipe(name: str, model: str, init_from: str | None = None) -> str:
     """"auto" is "fast" for fast_cnn trained from scratch (what it was made for) and "none" for
-    every other model, and for a run that goes on from a trained bundle (--init-from)."""
+    every other model, and for a run that goes on from a trained bundle (--init-from). With model
+    "auto" it stays "auto" until classifier.auto has chosen the model from the data."""
+    if name == "auto" and model == "auto":
+        return "auto"
     if name == "auto":
         return "fast" if model == "fast_cnn" and not init_from else "none"
     if name != "none" and name not in RECIPES:
@@ -178,7 +208,7 @@ def apply_recipe(values: dict, given: set[str] | frozenset[str] = frozenset()) -
     learning rate follows the batch size and the warm-up the number of epochs, given or not."""
     name = resolve_recipe(values.get("recipe", "none"), values.get("model", RunConfig.model), values.get("init_from"))
     out = dict(values, recipe=name)
-    if name == "none":
+    if name in ("none", "auto"):  # "auto": not yet (the model is still to be chosen)
         return out
     preset = dict(RECIPES[name], amp="bf16" if bf16_is_fast(str(values.get("device", "auto"))) else "auto")
     out.update({key: value for key, value in preset.items() if key not in given})

@@ -1,4 +1,5 @@
-"""Where images come from: CIFAR-10, Fashion-MNIST, a folder of images, a CSV of ids and labels.
+"""Where images come from: CIFAR-10, Fashion-MNIST, a folder of images, a CSV of ids and labels,
+a Hugging Face dataset (classifier.hf_data).
 
 `load_data` turns a user's `--data` argument into `DataSplits`: class names plus train, validation
 and test `Split`s. A Split is a list of file paths, or an in-memory uint8 array for the small
@@ -22,7 +23,8 @@ import tarfile
 import tempfile
 import zlib
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -31,7 +33,9 @@ import torch
 from filelock import FileLock
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler, default_collate
+from tqdm.auto import tqdm
 
+from classifier import hf_data
 from classifier.errors import DataError, ImageError, StorageError
 from classifier.files import atomic_write, storage_error
 from classifier.images import open_image
@@ -50,6 +54,8 @@ ARCHIVE_MANIFEST = ".complete"  # in an unpacked archive: its file count and byt
 # A CSV label with at most 1/TYPO_RATIO the rows of a label it nearly spells is taken for a typo.
 TYPO_RATIO = 5
 TYPO_SIMILARITY = 0.8  # difflib's ratio between the two spellings, case ignored
+GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}  # Pillow modes without colour
+GREY_SAMPLE = 400  # how many files (spread over the training split) decide that a source is grey
 
 
 @dataclass
@@ -80,6 +86,7 @@ class DataSplits:
     test: Split
     channels: int = 3
     skipped: list[str] = field(default_factory=list)  # unreadable files left out, with reasons
+    carved: tuple[str, ...] = ()  # the splits ("val", "test") carved out of train rather than given by the source
     _image_size: tuple[int, int] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -449,6 +456,27 @@ def _load_torchvision(kind: str, root: Path, download: bool):
     return list(train.classes), {"train": as_split(train), "test": as_split(test)}
 
 
+def is_grey(split: Split, sample: int = GREY_SAMPLE) -> bool:
+    """Whether the images of a split of files have no colour (Pillow's grey modes), judged on up to
+    `sample` files spread evenly over it (their headers only): grey sources train one-channel models."""
+    if split.in_memory or len(split) == 0:
+        return False
+    for i in np.linspace(0, len(split) - 1, min(sample, len(split))).astype(int):
+        try:
+            with Image.open(split.items[i]) as image:
+                if image.mode not in GREY_MODES:
+                    return False
+        except Exception:
+            continue  # unreadable: left out later, and says nothing about colour
+    return True
+
+
+def _load_hf(source: str, image_column: str | None, label_column: str | None
+             ) -> tuple[str, list[str], dict[str, Split]]:
+    name, classes, found = hf_data.load_hf(source, cache_dir(), image_column, label_column)
+    return name, classes, {split: Split(paths, targets) for split, (paths, targets) in found.items()}
+
+
 BUILTIN = {"cifar10": "cifar10", "cifar-10": "cifar10", "fashion-mnist": "fashion-mnist",
            "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist"}
 
@@ -476,11 +504,15 @@ def load_data(
     test_fraction: float = 0.1,
     seed: int = 0,
     download: bool = True,
+    image_column: str | None = None,
+    label_column: str | None = None,
 ) -> DataSplits:
-    """Resolve `source` (a built-in name, a folder, an archive or a CSV) into train/val/test splits.
+    """Resolve `source` (a built-in name, a folder, an archive, a CSV, or a Hugging Face dataset:
+    hf:OWNER/NAME or a folder written by save_to_disk) into train/val/test splits.
 
     Splits the source already has are kept; a missing validation split is carved from train, and a
-    missing test split too, stratified by class with `seed`.
+    missing test split too, stratified by class with `seed` (DataSplits.carved names them). A source
+    of files whose images are all grey is read with one channel.
     """
     if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1:
         raise DataError("--val-fraction and --test-fraction must be in [0, 1)")
@@ -495,6 +527,8 @@ def load_data(
         else:
             all_classes, splits = _load_torchvision(kind, root, download)
         channels = 1 if kind == "fashion-mnist" else 3
+    elif hf_data.is_hf_source(source):
+        name, all_classes, splits = _load_hf(source, image_column, label_column)
     elif source.lower().endswith(".csv"):
         path = Path(source).expanduser()
         if not path.is_file():
@@ -510,14 +544,17 @@ def load_data(
     if skipped:
         log.warning("skipped %d unreadable file(s):\n  %s", len(skipped), "\n  ".join(skipped))
 
+    if not kind and is_grey(splits["train"]):
+        channels = 1
     train = splits["train"]
+    carved = tuple(split for split in ("val", "test") if split not in splits)
     if "test" not in splits:
         keep, held = stratified_split(train.targets, test_fraction, seed)
         train, splits["test"] = train.subset(keep), train.subset(held)
     if "val" not in splits:
         keep, held = stratified_split(train.targets, val_fraction, seed + 1)
         train, splits["val"] = train.subset(keep), train.subset(held)
-    data = DataSplits(name, list(all_classes), train, splits["val"], splits["test"], channels, skipped)
+    data = DataSplits(name, list(all_classes), train, splits["val"], splits["test"], channels, skipped, carved)
     if classes:
         data = select_classes(data, classes)
     _refuse_empty_classes(data)
@@ -555,8 +592,7 @@ def select_classes(data: DataSplits, classes: Sequence[str]) -> DataSplits:
         sub = split.subset(idx)
         return Split(sub.items, old_to_new[sub.targets])
 
-    return DataSplits(data.name, list(classes), pick(data.train), pick(data.val), pick(data.test),
-                      data.channels, data.skipped)
+    return replace(data, classes=list(classes), train=pick(data.train), val=pick(data.val), test=pick(data.test))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -654,8 +690,7 @@ def materialize_small(data: DataSplits) -> DataSplits:
     if len(skipped) > len(data.skipped):
         log.warning("skipped %d unreadable file(s):\n  %s", len(skipped) - len(data.skipped),
                     "\n  ".join(skipped[len(data.skipped):]))
-    return DataSplits(data.name, data.classes, out["train"], out["val"], out["test"], data.channels,
-                      skipped)
+    return replace(data, train=out["train"], val=out["val"], test=out["test"], skipped=skipped)
 
 
 def channel_stats(split: Split, channels: int, max_images: int = 5000, seed: int = 0
@@ -745,3 +780,85 @@ def collate_skipping_broken(batch):
     """default_collate over the readable samples of a batch; None when none of them is."""
     batch = [b for b in batch if b is not None]
     return default_collate(batch) if batch else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Photos decoded once
+
+
+PRELOAD_MEMORY = 1.5 * 2**30  # bytes: a run decodes its photos once, up front, only when they fit in this
+
+
+def preload_bytes(split: Split, channels: int, size: int, shorter_side: int | None) -> int:
+    """About what PreloadedImages would hold for `split`: shrunk images (3:2 at most) or eval tensors."""
+    per_image = int(shorter_side * shorter_side * 1.5 * channels) if shorter_side else size * size * channels * 4
+    return len(split) * per_image
+
+
+def preload_side(size: int) -> int:
+    """The shorter side training photos are kept at when preloaded: twice the input, so that a
+    random crop of a quarter of the image is still sharp at the input size."""
+    return 2 * size
+
+
+def will_preload(data: DataSplits, in_chans: int, size: int) -> bool:
+    """Whether a run decodes its photos once, up front (data.PreloadedImages): files, not small
+    images (those are decoded into memory already), and all of them within PRELOAD_MEMORY."""
+    if data.train.in_memory or data.is_small:
+        return False
+    needed = (preload_bytes(data.train, in_chans, size, preload_side(size))
+              + preload_bytes(data.val, in_chans, size, None) + preload_bytes(data.test, in_chans, size, None))
+    return needed <= PRELOAD_MEMORY
+
+
+def shrink(image: Image.Image, shorter_side: int) -> Image.Image:
+    """`image` made smaller, if it is, so that its shorter side is `shorter_side` (bicubic)."""
+    scale = shorter_side / min(image.size)
+    if scale >= 1:
+        return image
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC,
+                        reducing_gap=3.0)
+
+
+class PreloadedImages(Dataset):
+    """ImageDataset for a split of photo files, decoded once, up front, rather than in every epoch.
+
+    A phone's photo takes 100 ms or more to decode, and a run reads each one every epoch. With
+    `shorter_side` (training) each image is kept shrunk to it, and the augmentation, which crops and
+    resizes anyway, works on the small copy. Without (evaluation) each is kept as the output of
+    `transform`, the eval transform: exactly what decoding it every time would give. Decoding runs
+    in `threads` threads (Pillow releases the GIL), with a progress bar. Unreadable files yield None.
+    With a `seed`, keys (index, epoch) from EpochSampler augment as ImageDataset does: exactly again.
+    """
+
+    def __init__(self, split: Split, transform, channels: int = 3, shorter_side: int | None = None,
+                 threads: int = 2, what: str = "images", seed: int | None = None):
+        self.split, self.transform, self.channels, self.shorter_side = split, transform, channels, shorter_side
+        self.seed = seed
+
+        def decode(index: int):
+            try:
+                image = load_pil(split.items[index], channels)
+            except ImageError as exc:
+                log.warning("skipping unreadable image: %s", exc)
+                return None
+            return shrink(image, shorter_side) if shorter_side else transform(image)
+
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            self.items = list(tqdm(pool.map(decode, range(len(split))), total=len(split), leave=False,
+                                   desc=f"decoding {what}", unit="image"))
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, None)
+        item = self.items[index]
+        if item is None:
+            return None
+        if not self.shorter_side:
+            return item, int(self.split.targets[index]), index
+        if epoch is None or self.seed is None:
+            return self.transform(item), int(self.split.targets[index]), index
+        with sample_random_state(self.seed, epoch, index):
+            return self.transform(item), int(self.split.targets[index]), index

@@ -23,10 +23,20 @@ from classifier import distributed
 from classifier.bundle import (CONFUSION_JSON, CONFUSION_PNG, CURVES_PNG, HISTORY_FILE, METRICS_FILE, MISTAKES_DIR,
                                MISTAKES_FILE, SAMPLES_PNG)
 from classifier.data import DataSplits, Split, load_pil
+from classifier.intervals import wilson_interval
 from classifier.plots import plot_confusion_matrix, plot_history, plot_sample_grid
 from classifier.tta import TTA, tta_mode
 
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.1, 10.0
+# Calibrate only when it helps: a temperature is kept only if, fitted on part of the validation
+# split, it lowers the expected calibration error on the part it did not see (CALIBRATION_FOLDS-fold
+# cross-validation). Below CALIBRATION_MIN_SAMPLES validation images there is too little to tell.
+CALIBRATION_FOLDS = 5
+CALIBRATION_MIN_SAMPLES = 20
+# Which split eval/ (the headline figures, the confusion matrix and the mistakes gallery) shows.
+SPLIT_RULE = ("eval/ shows the test split when the data has its own; when the test split was carved out of "
+              "the training images, it shows whichever of that carved test split and the validation split is "
+              "larger (the test split on a tie)")
 
 
 @torch.no_grad()
@@ -110,12 +120,15 @@ def compute_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: Sequen
                      torch.zeros_like(tp))
     present = support > 0  # macro averages over the classes this split has
     per_class = [{"class": c, "precision": float(precision[i]), "recall": float(recall[i]),
-                  "f1": float(f1[i]), "support": int(support[i]), "accuracy": float(recall[i])}
+                  "f1": float(f1[i]), "support": int(support[i]), "accuracy": float(recall[i]),
+                  "accuracy_ci95": list(wilson_interval(int(tp[i]), int(support[i])))}
                  for i, c in enumerate(classes)]
+    correct = int((predicted == targets).sum())
     return {
         "num_samples": int(len(targets)),
         "loss": float(nn.functional.cross_entropy(scaled, targets)),
         "accuracy": float((predicted == targets).double().mean()),
+        "accuracy_ci95": list(wilson_interval(correct, int(len(targets)))),
         "macro_precision": float(precision[present].mean()),
         "macro_recall": float(recall[present].mean()),
         "macro_f1": float(f1[present].mean()),
@@ -126,15 +139,77 @@ def compute_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: Sequen
     }
 
 
+def _negative_log_likelihood(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    return float(nn.functional.cross_entropy(logits.float(), targets.long()))
+
+
+def choose_temperature(val_logits: torch.Tensor, val_targets: torch.Tensor, folds: int = CALIBRATION_FOLDS,
+                       seed: int = 0) -> dict:
+    """Calibrate only when it helps: the temperature fitted on the validation split, and whether to
+    keep it.
+
+    Fitting T on a split and checking it on the same split always looks like a gain, so the check
+    is held out: the validation images are dealt into `folds` folds, each fold scaled by the T
+    fitted on the others, and the pooled held-out expected calibration error (ECE) compared with
+    the unscaled one. T (fitted on the whole split) is kept only if it lowers that held-out ECE; the
+    held-out NLL is recorded beside it. Returns the record metrics.json keeps as "calibration"
+    (its "temperature" is 1.0 when T is not kept).
+    """
+    n = int(len(val_targets))
+    record = {"fitted_on": "validation", "criterion": "held-out ECE", "kept": False, "temperature": 1.0}
+    if n < CALIBRATION_MIN_SAMPLES:
+        return record | {"fitted_temperature": None, "held_out": None,
+                         "reason": f"the validation split (n={n}) is too small to check that a temperature helps; "
+                                   f"probabilities are the model's own (T = 1)"}
+    fitted = fit_temperature(val_logits, val_targets)
+    k = max(2, min(folds, n // 10))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    scaled = torch.empty_like(val_logits, dtype=torch.float32)
+    for fold in range(k):
+        held = order[fold::k]
+        rest = torch.cat([order[f::k] for f in range(k) if f != fold])
+        scaled[held] = val_logits[held].float() / fit_temperature(val_logits[rest], val_targets[rest])
+    raw = val_logits.float()
+    held_out = {"method": f"{k}-fold cross-validation on the validation split", "num_samples": n,
+                "ece_before": expected_calibration_error(raw.softmax(1), val_targets),
+                "ece_after": expected_calibration_error(scaled.softmax(1), val_targets),
+                "nll_before": _negative_log_likelihood(raw, val_targets),
+                "nll_after": _negative_log_likelihood(scaled, val_targets)}
+    kept = held_out["ece_after"] < held_out["ece_before"]
+    nll = "and" if held_out["nll_after"] < held_out["nll_before"] else "though not"
+    reason = (f"T = {fitted:.3g} lowered the held-out ECE from {held_out['ece_before']:.4f} to "
+              f"{held_out['ece_after']:.4f} ({nll} the NLL, {held_out['nll_before']:.4f} -> {held_out['nll_after']:.4f})"
+              if kept else
+              f"T = {fitted:.3g} would have raised the held-out ECE from {held_out['ece_before']:.4f} to "
+              f"{held_out['ece_after']:.4f}: not applied, probabilities are the model's own (T = 1)")
+    return record | {"kept": kept, "temperature": fitted if kept else 1.0, "fitted_temperature": fitted,
+                     "held_out": held_out, "reason": reason}
+
+
 def calibrated_metrics(test_logits, test_targets, val_logits, val_targets, classes) -> dict:
-    """Test metrics at the temperature fitted on validation, with the uncalibrated figures beside."""
-    temperature = fit_temperature(val_logits, val_targets) if len(val_targets) else 1.0
-    metrics = compute_metrics(test_logits, test_targets, classes, temperature)
+    """Metrics of the test logits at the temperature choose_temperature keeps (fitted on the
+    validation logits), with the uncalibrated figures beside them."""
+    calibration = choose_temperature(val_logits, val_targets)
+    metrics = compute_metrics(test_logits, test_targets, classes, calibration["temperature"])
     raw = compute_metrics(test_logits, test_targets, classes, 1.0)
-    metrics["calibration"] = {"temperature": temperature, "fitted_on": "validation",
-                              "ece_before": raw["ece"], "ece_after": metrics["ece"],
-                              "nll_before": raw["loss"], "nll_after": metrics["loss"]}
+    metrics["calibration"] = calibration | {"ece_before": raw["ece"], "ece_after": metrics["ece"],
+                                            "nll_before": raw["loss"], "nll_after": metrics["loss"]}
     return metrics
+
+
+def shown_split(num_val: int, num_test: int, carved: Sequence[str] = ()) -> str:
+    """The split eval/ shows ("test" or "validation"): see SPLIT_RULE."""
+    if "test" not in carved:
+        return "test"
+    return "validation" if num_val > num_test else "test"
+
+
+def split_summary(logits: torch.Tensor, targets: torch.Tensor, origin: str) -> dict:
+    """A split's accuracy with its 95% interval and size, and where the split came from."""
+    correct = int((logits.argmax(1) == targets).sum()) if len(targets) else 0
+    low, high = wilson_interval(correct, int(len(targets)))
+    return {"accuracy": correct / len(targets) if len(targets) else None, "accuracy_ci95": [low, high],
+            "num_samples": int(len(targets)), "origin": origin}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,8 +238,10 @@ def rank_mistakes(logits: torch.Tensor, targets: torch.Tensor, indices: torch.Te
 
 @dataclass
 class Evaluation:
-    """A model's calibrated test metrics (temperature fitted on the validation split) and the test
-    logits the mistakes and samples of eval/ are drawn from."""
+    """A model's calibrated metrics on the split eval/ shows (metrics["split"]: the test split, or the
+    validation split where the test split is a small carve-out; see SPLIT_RULE), the temperature
+    fitted on the validation split and kept only if it helps, and that split's logits, which the
+    mistakes and samples of eval/ are drawn from (test_*: named when it was always the test split)."""
     metrics: dict
     test_logits: torch.Tensor
     test_targets: torch.Tensor
@@ -179,32 +256,43 @@ class Evaluation:
         TTA) and a summary for readers of the config alone."""
         m = self.metrics
         return {"temperature": self.temperature, "tta": m["tta"],
-                "metrics": {k: m[k] for k in ("accuracy", "loss", "macro_f1", "ece", "num_samples")}
+                "metrics": {k: m[k] for k in ("accuracy", "accuracy_ci95", "loss", "macro_f1", "ece", "num_samples")}
                            | {"ece_before_calibration": m["calibration"]["ece_before"], "split": m["split"]}}
 
     def save(self, eval_dir: str | os.PathLike, data: DataSplits, in_chans: int, mistakes: int,
              history: list[dict] | None = None) -> None:
         """eval/: metrics, confusion matrix, the `mistakes` most confident mistakes, samples, curves."""
         classes = data.classes
+        shown = data.val if self.metrics.get("split") == "validation" else data.test
         ranked = rank_mistakes(self.test_logits, self.test_targets, self.test_indices, classes, self.temperature,
                                mistakes)
         samples = sample_predictions(self.test_logits, self.test_targets, self.test_indices, classes, self.temperature)
-        save_report(eval_dir, self.metrics, ranked, data.test, classes, in_chans, history=history, samples=samples)
+        save_report(eval_dir, self.metrics, ranked, shown, classes, in_chans, history=history, samples=samples)
 
 
 def evaluate_model(model: torch.nn.Module, val_loader, test_loader, classes: list[str], device: torch.device,
-                   dtype=None, tta: str = "none") -> Evaluation:
-    """Test metrics of `model` with the test-time augmentation `tta` (classifier.tta), the
-    temperature fitted on the validation logits of that same augmentation, as Predictor will apply
-    both."""
+                   dtype=None, tta: str = "none", carved: Sequence[str] = ()) -> Evaluation:
+    """Metrics of `model` with the test-time augmentation `tta` (classifier.tta), the temperature
+    fitted on the validation logits of that same augmentation (and kept only if it helps), as
+    Predictor will apply both. `carved`: the splits ("val", "test") that were carved out of the
+    training images rather than given by the data; they decide which split eval/ shows (SPLIT_RULE)
+    and are named as such in metrics["splits"]."""
     evaluated = TTA(model, tta)
-    val_logits, val_targets, _ = predict_logits(evaluated, val_loader, device, dtype)
+    val_logits, val_targets, val_indices = predict_logits(evaluated, val_loader, device, dtype)
     test_logits, test_targets, test_indices = predict_logits(evaluated, test_loader, device, dtype)
-    metrics = calibrated_metrics(test_logits, test_targets, val_logits, val_targets, classes)
+    split = shown_split(len(val_targets), len(test_targets), carved)
+    shown = (val_logits, val_targets, val_indices) if split == "validation" else (test_logits, test_targets, test_indices)
+    metrics = calibrated_metrics(shown[0], shown[1], val_logits, val_targets, classes)
+    origin = {name: "carved from the training images" if name in carved else "given by the data"
+              for name in ("val", "test")}
+    splits = {"validation": split_summary(val_logits, val_targets, origin["val"])
+                            | {"used_for": ["choosing the best epoch", "fitting the temperature"]},
+              "test": split_summary(test_logits, test_targets, origin["test"])}
     # The validation split's accuracy too, so that models (soups, say) can be chosen without the test set.
-    metrics.update(split="test", tta=tta_mode(tta),
-                   val_accuracy=float((val_logits.argmax(1) == val_targets).float().mean()) if len(val_targets) else None)
-    return Evaluation(metrics, test_logits, test_targets, test_indices)
+    metrics.update(split=split, tta=tta_mode(tta), splits=splits, split_rule=SPLIT_RULE,
+                   val_accuracy=splits["validation"]["accuracy"],
+                   val_accuracy_ci95=splits["validation"]["accuracy_ci95"])
+    return Evaluation(metrics, *shown)
 
 
 def _thumbnail(image: Image.Image, max_side: int = 160) -> Image.Image:

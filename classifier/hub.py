@@ -119,3 +119,24 @@ def _is_connection_error(exc: BaseException) -> bool:
     names = {cls.__name__ for cls in type(exc).__mro__}
     return bool(names & {"ConnectError", "ConnectTimeout", "TimeoutException", "NetworkError", "TransportError",
                          "ConnectionError"})
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub answers at all (within `timeout` seconds), asked once: so that a download
+    that cannot happen is refused at once rather than after a minute of retries."""
+    if constants.is_offline_mode():
+        return False
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # no route, no name resolution, a proxy refusing: all "not reachable"
+        return False
+    return True
+
+
+def cached_file(repo_id: str, filenames: tuple[str, ...]) -> bool:
+    """Whether one of `filenames` of the Hub repository `repo_id` is in the local cache already."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in filenames)

@@ -3,8 +3,16 @@
 The test trains a *copy* of the model for a few hundred steps while the learning rate grows
 exponentially from tiny to huge, and records the loss at each step. The loss first stays flat (the
 rate is too small to matter), then falls (the useful range), then explodes. The suggestion is a rate
-inside the falling stretch: fast.ai's "valley" (two thirds down the longest descent) by default, or
-the "steepest" point of the smoothed curve, or the "minimum" divided by ten.
+inside the falling stretch:
+
+- "auto" (the default): the steepest point of the descent before the loss turns up, read from a
+  centred (not lagging) smoothing of the raw losses, kept within a factor of the run's measured
+  default rate; where the curve is flat (the loss hardly falls before it rises) or noisy (it falls
+  by less than its own step-to-step spread) there is nothing to read, and the default is used.
+  fast.ai's valley picked 1.9e-4 on a fine-tuned EfficientNet whose curve was still flat there
+  (validation loss stuck at ln 2), where 0.01 learned: see `suggest_auto`.
+- fast.ai's "valley" (two thirds down the longest descent), the "steepest" point of the lagging
+  smoothed curve, or the "minimum" divided by ten: shown beside it.
 
     python -m classifier lr-find --data path/to/folder --model fast_cnn --out runs/lr.png
 
@@ -33,7 +41,15 @@ from classifier.runtime import autocast_dtype
 
 log = logging.getLogger(__name__)
 
-METHODS = ("valley", "steepest", "minimum")
+METHODS = ("auto", "valley", "steepest", "minimum")
+# suggest_auto's rules. A descent smaller than FLAT_DROP of the starting loss is a flat curve; one
+# smaller than NOISY_DROP times the raw losses' spread around their trend is noise. The suggestion
+# stays within [DEFAULT_SPAN[0], DEFAULT_SPAN[1]] times the measured default rate: a range test of
+# a few dozen steps on a small dataset can misread a curve, and a rate 30x off ruins a run where
+# the default would have been fine (benchmarks/own_photos.py measures both).
+FLAT_DROP = 0.10
+NOISY_DROP = 1.0
+DEFAULT_SPAN = (0.2, 5.0)
 
 
 @dataclass
@@ -47,11 +63,13 @@ class LRFinderResult:
     steepest: float
     minimum: float  # the rate of the lowest smoothed loss divided by ten (fast.ai's "min/10")
     diverged: bool  # the test stopped early because the loss exploded (the usual, healthy end)
+    auto: float = math.nan  # suggest_auto's rate (the default rate where the curve could not be read)
+    note: str = ""  # how suggest_auto read the curve: the steepest point, clipped, or why the default
 
     def summary(self) -> dict:
         """Everything but the curves: what a bundle's config records."""
-        return {"suggestion": self.suggestion, "method": self.method, "valley": self.valley,
-                "steepest": self.steepest, "minimum": self.minimum, "steps": len(self.lrs),
+        return {"suggestion": self.suggestion, "method": self.method, "auto": self.auto, "note": self.note,
+                "valley": self.valley, "steepest": self.steepest, "minimum": self.minimum, "steps": len(self.lrs),
                 "start_lr": self.lrs[0], "end_lr": self.lrs[-1], "diverged": self.diverged}
 
     def settled(self) -> list[float]:
@@ -106,11 +124,16 @@ def lr_range_test(
     start_lr: float = 1e-7,
     end_lr: float = 10.0,
     num_steps: int = 200,
-    smoothing: float = 0.95,
+    smoothing: float | None = None,
     diverge_factor: float = 4.0,
-    method: str = "valley",
+    method: str = "auto",
+    default_lr: float | None = None,
 ) -> LRFinderResult:
     """Run the range test on a deep copy of `model`; `model` and `optimizer` are left untouched.
+
+    `default_lr`: the rate the run would use without the test (config.default_lr), which the
+    "auto" suggestion falls back to and stays near. `smoothing`: the factor of the exponential
+    average the divergence check and the plot use (default: a window of a tenth of the steps).
 
     The optimiser is `optimizer` copied (same class, groups and state) or else the one `config`
     describes (train.build_optimizer: SGD or AdamW, weight decay, head/body groups). Parameter groups
@@ -124,6 +147,7 @@ def lr_range_test(
     if method not in METHODS:
         raise LRFinderError(f"unknown suggestion method '{method}' ({', '.join(METHODS)})")
     config = config or TrainConfig()
+    smoothing = smoothing if smoothing is not None else min(0.95, max(0.8, 1 - 10 / num_steps))
     device = torch.device(device) if device is not None else next(model.parameters()).device
     clone = copy.deepcopy(model).to(device).train()
     opt = _copy_optimizer(optimizer, model, clone) if optimizer else build_optimizer(clone, config)
@@ -172,7 +196,10 @@ def lr_range_test(
         raise LRFinderError(f"the loss exploded within {len(lrs)} steps, already at lr {start_lr * growth ** len(lrs):.2g}; "
                          f"try a smaller start_lr")
     suggestions = suggest(lrs, smoothed)
-    return LRFinderResult(lrs, losses, smoothed, suggestions[method], method, diverged=diverged, **suggestions)
+    auto, note = suggest_auto(lrs, losses, default_lr)
+    suggestions["auto"] = auto
+    return LRFinderResult(lrs, losses, smoothed, suggestions[method], method, diverged=diverged, note=note,
+                          **suggestions)
 
 
 def _trim(n: int) -> slice:
@@ -206,3 +233,51 @@ def _valley(lr: np.ndarray, loss: np.ndarray, fallback: float) -> float:
         return fallback
     third = (end - start) / 3
     return float(lr[start + int(third) + int(third / 2)])
+
+
+def _centred_average(values: np.ndarray, window: int) -> np.ndarray:
+    """A moving average centred on each point (the window shrinks at the ends): smooth, and unlike
+    the exponential average of the sweep, not shifted towards higher rates."""
+    half = window // 2
+    sums = np.concatenate([[0.0], np.cumsum(values)])
+    low = np.maximum(np.arange(len(values)) - half, 0)
+    high = np.minimum(np.arange(len(values)) + half + 1, len(values))
+    return (sums[high] - sums[low]) / (high - low)
+
+
+def suggest_auto(lrs: list[float], losses: list[float], default: float | None = None) -> tuple[float, str]:
+    """The rate of the steepest descent before the loss turns up, and a note of how it was read.
+
+    The raw losses are smoothed by a centred average (a tenth of the sweep wide). The descent runs
+    from the start to the lowest smoothed loss; the suggestion is the steepest point of it (in loss
+    per decade of rate), leaving out its last tenth, where the curve flattens into the minimum by
+    definition. Flat or noisy curves (FLAT_DROP, NOISY_DROP) fall back to `default`, and a reading
+    is kept within DEFAULT_SPAN times it. Without a default a flat curve gives its minimum / 10.
+    """
+    lr = np.asarray(lrs, dtype=np.float64)
+    loss = np.asarray(losses, dtype=np.float64)
+    n = len(lr)
+    smooth = _centred_average(loss, max(3, (n // 10) | 1))
+    bottom = int(np.argmin(smooth))
+    start = float(np.median(smooth[:max(3, n // 10)]))
+    drop = start - float(smooth[bottom])
+    spread = float(np.std(loss[:bottom + 1] - smooth[:bottom + 1])) if bottom > 0 else 0.0
+    fallback = default if default is not None else float(lr[bottom]) / 10
+    using = f"the default {default:.3g}" if default is not None else f"the minimum / 10, {fallback:.3g}"
+    if bottom < 3 or drop < FLAT_DROP * start:
+        return fallback, (f"flat curve: the loss fell by {max(drop, 0) / start:.0%} of its starting {start:.3g} "
+                          f"before it rose; using {using}")
+    if drop < NOISY_DROP * spread:
+        return fallback, (f"noisy curve: the loss fell by {drop:.3g}, less than its step-to-step spread "
+                          f"{spread:.3g}; using {using}")
+    descent = slice(0, bottom + 1)
+    slope = np.gradient(smooth[descent], np.log10(lr[descent]))
+    above = np.flatnonzero(smooth[descent] > smooth[bottom] + 0.1 * drop)
+    steepest = float(lr[above[int(np.argmin(slope[above]))]]) if len(above) else float(lr[bottom])
+    note = f"steepest descent at {steepest:.3g} (the loss fell from {start:.3g} to {smooth[bottom]:.3g})"
+    if default is not None:
+        low, high = default * DEFAULT_SPAN[0], default * DEFAULT_SPAN[1]
+        if not low <= steepest <= high:
+            clipped = min(max(steepest, low), high)
+            return clipped, f"{note}; kept within {DEFAULT_SPAN[0]:g}-{DEFAULT_SPAN[1]:g}x the default {default:.3g}: {clipped:.3g}"
+    return steepest, note

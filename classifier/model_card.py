@@ -79,6 +79,8 @@ def dataset_info(config: dict) -> tuple[str | None, str]:
     project = config.get("classifier", {})
     name = project.get("dataset") or "unknown data"
     hub_id, pretty = HUB_DATASETS.get(name, (None, name))
+    if project.get("hub_dataset"):  # trained on hf:OWNER/NAME
+        hub_id = project["hub_dataset"]
     selected = project.get("classes_selected")
     if selected:
         pretty = f"{pretty} ({', '.join(selected)})"
@@ -192,26 +194,60 @@ class _CardFacts:
                  f"A `{self.architecture}` image classifier{size}, {origin} on {self.dataset_name}. "
                  f"It tells apart {len(self.labels)} classes: {', '.join(f'`{c}`' for c in self.labels)}."]
         if self.metrics:
-            lines += ["", f"On the held-out {self.metrics.get('split', 'test')} split "
-                          f"({self.metrics['num_samples']:,} images) it reaches an accuracy of "
-                          f"**{_f(self.metrics['accuracy'])}** and a macro F1 of **{_f(self.metrics['macro_f1'])}**."]
+            lines += ["", f"On the {self._split_phrase()} it reaches an accuracy of "
+                          f"**{_f(self.metrics['accuracy'])}**{self._interval_phrase()} and a macro F1 of "
+                          f"**{_f(self.metrics['macro_f1'])}**."]
         lines += ["", "The repository is a bundle of the `classifier` toolkit: `model.safetensors` (weights only), "
                       "`config.json` (timm's layout: architecture, labels, preprocessing) and `eval/` "
                       "(the evaluation this card is written from)."]
         return "\n".join(lines)
 
+    def _split_phrase(self) -> str:
+        """'held-out test split (N images)', or which split and why, as metrics.json says."""
+        m = self.metrics
+        split, n = m.get("split", "test"), f"{m['num_samples']:,} images"
+        origin = m.get("splits", {}).get("test", {}).get("origin", "")
+        if split == "validation":
+            return (f"validation split ({n}; the data has no test split of its own, and the one carved out of its "
+                    "training images is smaller)")
+        if origin.startswith("carved"):
+            return f"test split ({n}, carved out of the training images: the data has no test split of its own)"
+        if m.get("evaluated_on"):
+            return f"labelled images of {m['evaluated_on']} ({n})"
+        return f"held-out test split ({n})"
+
+    def _interval_phrase(self) -> str:
+        band = self.metrics.get("accuracy_ci95")
+        return f" (95% interval {band[0]:.1%}-{band[1]:.1%})" if band else ""
+
     def _results(self) -> str:
         if not self.metrics:
             return "## Evaluation\n\nThis bundle carries no evaluation (`eval/metrics.json` is missing)."
         m = self.metrics
-        rows = [("Accuracy", _f(m["accuracy"])), ("Macro F1", _f(m["macro_f1"]))]
+        band = m.get("accuracy_ci95")
+        rows = [("Accuracy", _f(m["accuracy"]))]
+        if band:
+            rows.append(("Accuracy, 95% interval (Wilson)", f"{_f(band[0])}-{_f(band[1])}"))
+        rows.append(("Macro F1", _f(m["macro_f1"])))
         for key, label in (("macro_precision", "Macro precision"), ("macro_recall", "Macro recall"),
                            ("loss", "Cross-entropy (calibrated)")):
             if key in m:
                 rows.append((label, _f(m[key])))
         rows.append(("Images", f"{m['num_samples']:,}"))
         lines = [f"## Evaluation on the {m.get('split', 'test')} split", "",
+                 f"Measured on the {self._split_phrase()}. The interval says how far the true accuracy may be from "
+                 "this one measured on a finite number of images.", "",
                  "| metric | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
+        splits = m.get("splits") or {}
+        if splits:
+            lines += ["", "Every split the model was measured on:", "",
+                      "| split | images | accuracy | 95% interval | where it came from |", "|---|---|---|---|---|"]
+            for name, split in splits.items():
+                if split.get("num_samples"):
+                    used = f"; used for {' and '.join(split['used_for'])}" if split.get("used_for") else ""
+                    low, high = split["accuracy_ci95"]
+                    lines.append(f"| {name} | {split['num_samples']:,} | {_f(split['accuracy'])} | "
+                                 f"{_f(low)}-{_f(high)} | {split.get('origin', '')}{used} |")
         if tta_mode(m.get("tta")) != "none":
             lines += ["", f"Measured with test-time augmentation ({describe_tta(m['tta']).removeprefix('yes: ')}; "
                       f"mode `{tta_mode(m['tta'])}`), as `Predictor` and the app predict with this bundle."]
@@ -219,7 +255,7 @@ class _CardFacts:
         if per_class:
             lines += ["", "Per class:", "", "| class | precision | recall | F1 | images |", "|---|---|---|---|---|"]
             lines += [f"| {c['class']} | {_f(c['precision'])} | {_f(c['recall'])} | {_f(c['f1'])} | {c['support']} |"
-                      for c in per_class]
+                      for c in per_class if c["support"] or not m.get("evaluated_on")]
         return "\n".join(lines)
 
     def _confusion(self) -> str:
@@ -227,7 +263,7 @@ class _CardFacts:
             return ""
         return ("### Confusion matrix\n\nRows are the true classes, columns the predicted ones "
                 f"(counts; colour is the share of the true class).\n\n"
-                f"![Confusion matrix on the test split]({EVAL_DIR}/{CONFUSION_PNG})")
+                f"![Confusion matrix on the {(self.metrics or {}).get('split', 'test')} split]({EVAL_DIR}/{CONFUSION_PNG})")
 
     def _mistakes_section(self) -> str:
         if not self.metrics:
@@ -236,11 +272,12 @@ class _CardFacts:
         wrong = sum(v for i, row in enumerate(matrix) for j, v in enumerate(row) if i != j)
         with_images = [m for m in self.mistakes if m.get("file") and self._has(f"{EVAL_DIR}/{m['file']}")]
         shown = with_images[:MAX_MISTAKES_SHOWN]
+        split = self.metrics.get("split", "test")
         if not shown:
-            return (f"### Misclassified examples\n\n{wrong} of {self.metrics['num_samples']:,} test images "
+            return (f"### Misclassified examples\n\n{wrong} of {self.metrics['num_samples']:,} {split} images "
                     "were misclassified." + ("" if wrong else " There are none to show."))
         lines = ["### Misclassified examples", "",
-                 f"{wrong} of {self.metrics['num_samples']:,} test images were misclassified. "
+                 f"{wrong} of {self.metrics['num_samples']:,} {split} images were misclassified. "
                  f"The {len(shown)} with the highest loss (the most confidently wrong):", "",
                  "| image | true class | predicted | p(predicted) | p(true) |", "|---|---|---|---|---|"]
         for m in shown:
@@ -257,13 +294,25 @@ class _CardFacts:
         if not calibration:
             return ""
         t = calibration["temperature"]
+        split = self.metrics.get("split", "test")
+        table = ("| | ECE |\n|---|---|\n"
+                 f"| before (T = 1) | {_f(calibration['ece_before'])} |\n"
+                 f"| after (T = {t:.4g}) | {_f(calibration['ece_after'])} |\n\n")
+        if calibration.get("kept") is False:  # calibrated only where it helps (classifier.evaluate.choose_temperature)
+            return ("## Calibration\n\n"
+                    f"The probabilities are the model's own (T = 1): no temperature is applied. {calibration.get('reason', '')}."
+                    " A temperature is kept only if, fitted on part of the validation split, it lowers the expected "
+                    "calibration error (ECE) on the part it did not see.")
+        held = calibration.get("held_out") or {}
+        check = (f" It was kept because it lowered the ECE on held-out validation images ({held['method']}): "
+                 f"{_f(held['ece_before'])} -> {_f(held['ece_after'])}." if held else "")
         return ("## Calibration\n\n"
                 f"The probabilities are temperature-scaled: logits are divided by **T = {t:.4g}**, fitted on "
                 f"the {calibration.get('fitted_on', 'validation')} split, so that a confidence of 0.9 means "
-                "right about nine times in ten. Expected calibration error (ECE, 15 bins) on the test split:\n\n"
-                "| | ECE |\n|---|---|\n"
-                f"| before (T = 1) | {_f(calibration['ece_before'])} |\n"
-                f"| after (T = {t:.4g}) | {_f(calibration['ece_after'])} |\n\n"
+                f"right about nine times in ten.{check} Expected calibration error (ECE, 15 bins) on the {split} split"
+                + (" (the one T was fitted on, so the held-out figures are the honest ones)" if split == "validation" else "")
+                + ":\n\n"
+                + table +
                 "This project's `Predictor` applies T; with plain timm, divide the logits by it yourself "
                 "(see below).")
 

@@ -97,9 +97,12 @@ def plot_lr_finder(result, path: str | os.PathLike, title: str | None = None) ->
     ax.plot(result.lrs, result.losses, color="tab:blue", alpha=0.2, linewidth=0.8, label="loss per step")
     ax.plot(result.lrs, result.smoothed, color="tab:blue", linewidth=2, label="smoothed loss")
     ax.set_xscale("log")
-    markers = {"valley": ("tab:green", "o"), "steepest": ("tab:orange", "s"), "minimum": ("tab:red", "^")}
+    markers = {"auto": ("tab:purple", "D"), "valley": ("tab:green", "o"), "steepest": ("tab:orange", "s"),
+               "minimum": ("tab:red", "^")}
     for name, (colour, marker) in markers.items():
-        lr = getattr(result, name)
+        lr = getattr(result, name, float("nan"))
+        if not np.isfinite(lr):  # a curve saved before there was an "auto" suggestion
+            continue
         y = float(np.interp(np.log10(lr), np.log10(result.lrs), result.smoothed))
         chosen = name == result.method
         ax.plot(lr, y, marker=marker, color=colour, markersize=10 if chosen else 7, linestyle="none",

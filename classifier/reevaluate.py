@@ -1,26 +1,38 @@
-"""Evaluate a saved bundle again, as its training run did, and optionally make that its evaluation.
+"""Evaluate a saved bundle again, as its training run did, or on a user's own labelled images.
 
 Like timm's validate.py, for this project's bundles: the test split of the data the bundle was
-trained on (as its config records it), or of other data, through the same loaders and
-preprocessing as training's own evaluation, with the temperature fitted again on the validation
-split. `python -m classifier evaluate` and `python -m classifier soup` both go through here.
+trained on (as its config records it), through the same loaders and preprocessing as training's
+own evaluation, with the temperature fitted again on the validation split (and kept only if it
+helps). `python -m classifier evaluate` and `python -m classifier soup` both go through here.
+
+Other labelled data (`evaluate_labelled`): every image of a folder (root/<class>/*), CSV or
+dataset, or its own test split where it has one, through the bundle's own preprocessing and
+temperature. Its classes may be a subset of the model's: a folder of cats and dogs tests a
+ten-class model on those two.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
 from classifier.bundle import EVAL_DIR, Bundle, write_config
 from classifier.config import RunConfig
-from classifier.data import DataSplits
-from classifier.errors import BundleError
-from classifier.evaluate import Evaluation, evaluate_model
+from classifier.data import DataSplits, ImageDataset, Split, collate_skipping_broken, load_data
+from classifier.errors import BundleError, DataError
+from classifier.evaluate import Evaluation, compute_metrics, evaluate_model, predict_logits
 from classifier.model_card import write_model_card
 from classifier.run import load_run_data, prepare
 from classifier.runtime import autocast_dtype, pick_device
+from classifier.tta import TTA, tta_mode
 
 # The data fields of a run's config that decide which images end up in the test split.
-DATA_FIELDS = ("data", "data_dir", "image_dir", "classes", "val_fraction", "test_fraction", "seed")
+DATA_FIELDS = ("data", "data_dir", "image_dir", "image_column", "label_column", "classes", "val_fraction", "test_fraction",
+               "seed")
 # Images per forward pass (evaluation loaders take twice this): smaller than training's batch, as
 # evaluating a bundle again often runs beside other work on a CPU.
 EVAL_BATCH_SIZE = 64
@@ -64,9 +76,74 @@ def evaluate_bundle(bundle: Bundle, cfg: RunConfig, tta: str | None = None) -> t
     data = bundle_data(bundle, cfg)
     setup = prepare(cfg, device, data=data, source=bundle)
     amp = bundle.project.get("training", {}).get("amp", "auto")
-    evaluation = evaluate_model(setup.model, setup.val_loader, setup.test_loader, data.classes, device,
-                                autocast_dtype(device, amp), bundle.tta if tta is None else tta)
+    evaluation = evaluate_model(setup.model, _progress(setup.val_loader, "validation"),
+                                _progress(setup.test_loader, "test"), data.classes, device,
+                                autocast_dtype(device, amp), bundle.tta if tta is None else tta, carved=data.carved)
     return evaluation, data
+
+
+class _progress:
+    """A loader iterated with a progress bar (on stderr), drawn when its pass starts: evaluating can
+    take minutes on a CPU."""
+
+    def __init__(self, loader, what: str):
+        self.loader, self.what = loader, what
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        yield from tqdm(self.loader, desc=f"evaluating {self.what}", unit="batch", leave=False)
+
+
+def _concatenate(splits: list[Split]) -> Split:
+    splits = [s for s in splits if len(s)]
+    if all(s.in_memory for s in splits):
+        return Split(np.concatenate([s.items for s in splits]), np.concatenate([s.targets for s in splits]))
+    return Split([item for s in splits for item in s.items], np.concatenate([s.targets for s in splits]))
+
+
+def labelled_images(other: DataChoice, labels: list[str], seed: int = 0) -> tuple[DataSplits, str]:
+    """The images of `other` to evaluate on, labelled with indices into the model's `labels`, and a
+    description of them: its own test split where the data has one (test/ folder, a built-in test
+    set, a dataset's test split), else every image it holds. Its classes must be among `labels`."""
+    data = load_data(other.data, data_dir=other.data_dir, image_dir=other.image_dir, seed=seed)
+    unknown = [c for c in data.classes if c not in labels]
+    if unknown:
+        raise DataError(f"{other.data}: class(es) {', '.join(unknown)} are not the model's; it knows "
+                        f"{', '.join(labels)}")
+    if "test" in data.carved:
+        split, what = _concatenate([data.train, data.val, data.test]), f"all {len(data.train) + len(data.val) + len(data.test):,} images"
+    else:
+        split, what = data.test, f"its test split ({len(data.test):,} images)"
+    to_model = np.asarray([labels.index(c) for c in data.classes], dtype=np.int64)
+    split = Split(split.items, to_model[split.targets])
+    present = [labels[i] for i in sorted(set(split.targets.tolist()))]
+    subset = f", {len(present)} of the model's {len(labels)} classes" if len(present) < len(labels) else ""
+    empty = Split(split.items[:0], split.targets[:0])
+    return (DataSplits(data.name, list(labels), empty, empty, split, data.channels, data.skipped),
+            f"{other.data}: {what}{subset}")
+
+
+@torch.no_grad()
+def evaluate_labelled(bundle: Bundle, data: DataSplits, *, tta: str | None = None, batch_size: int = 64,
+                      workers: int = 0, device: str = "cpu") -> Evaluation:
+    """The bundle on labelled images it was not trained on (labelled_images): its own preprocessing,
+    test-time augmentation and temperature, as Predictor applies them; nothing is fitted on them."""
+    device = pick_device(device)
+    mode = bundle.tta if tta is None else tta_mode(tta)
+    loader = DataLoader(ImageDataset(data.test, bundle.eval_transform(), bundle.in_chans), batch_size=batch_size,
+                        num_workers=workers, collate_fn=collate_skipping_broken)
+    model = bundle.model.to(device)
+    amp = bundle.project.get("training", {}).get("amp", "auto")
+    logits, targets, indices = predict_logits(TTA(model, mode), _progress(loader, "labelled images"), device,
+                                              autocast_dtype(device, amp))
+    metrics = compute_metrics(logits, targets, data.classes, bundle.temperature)
+    metrics.update(split="test", tta=mode, evaluated_on=data.name,
+                   calibration={"temperature": bundle.temperature, "fitted_on": "the bundle's own validation split",
+                                "kept": bundle.temperature != 1.0, "reason": "the bundle's temperature, as Predictor applies it",
+                                "ece_before": compute_metrics(logits, targets, data.classes)["ece"], "ece_after": metrics["ece"]})
+    return Evaluation(metrics, logits, targets, indices)
 
 
 def write_evaluation(bundle: Bundle, evaluation: Evaluation, data: DataSplits, mistakes: int, command: str) -> None:

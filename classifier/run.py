@@ -2,8 +2,9 @@
 
 `run()` is the flow the `train` command, the hyperparameter search and the tests share:
 
-    RunConfig -> load_run_data -> prepare (preprocessing, model, loaders) -> loop.fit
-        -> evaluate.evaluate_model -> bundle.save_bundle (+ eval/, the model card)
+    RunConfig -> load_run_data -> auto.resolve (what the user left to us) -> prepare (preprocessing,
+        model, loaders) -> loop.fit -> evaluate.evaluate_model -> bundle.save_bundle (+ eval/, the
+        model card) -> summarize
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import json
 import logging
 import math
 import shutil
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import timm
@@ -22,21 +24,23 @@ from torch.utils.data import DataLoader
 
 from classifier import distributed, files
 from classifier.allocator import keep_freed_memory
+from classifier.auto import resolve
 from classifier.bundle import (CONFIG_FILE, EVAL_DIR, LR_FINDER_PNG, WEIGHTS_FILE, Bundle, load_bundle, make_config,
                                save_bundle, stage_record)
-from classifier.config import RunConfig, TrainConfig, write_run_config
-from classifier.data import (DataSplits, EpochSampler, ImageDataset, channel_stats, collate_skipping_broken, load_data,
-                             materialize_small)
+from classifier.config import DEFAULT_BATCH_SIZE, RunConfig, TrainConfig, default_lr, write_run_config
+from classifier.data import (DataSplits, EpochSampler, ImageDataset, PreloadedImages, channel_stats,
+                             collate_skipping_broken, load_data, materialize_small, preload_side, will_preload)
 from classifier.errors import BundleError, DataError, TrainingCollapsed
 from classifier.evaluate import evaluate_model
 from classifier.fastdata import memory_loaders, use_memory_loader
-from classifier.loop import LAST_CHECKPOINT, check_resumable, collapse_message, fit
+from classifier.intervals import describe_accuracy
+from classifier.loop import BEST_WEIGHTS, LAST_CHECKPOINT, METRICS_LOG, check_resumable, collapse_message, fit
 from classifier.lr_finder import LRFinderResult, lr_range_test
 from classifier.model_card import write_model_card
 from classifier.models import count_parameters, create_model, is_project_model, zero_head
 from classifier.plots import plot_lr_finder
 from classifier.runtime import autocast_dtype, pick_device, use_every_core
-from classifier.transforms import eval_transform, train_transform
+from classifier.transforms import MEMORY_AUGMENTS, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,8 @@ class RunResult:
     metrics: dict
     history: list[dict]
     parameters: int
+    config: RunConfig | None = None  # as resolved: what the run actually did
+    choices: dict = field(default_factory=dict)  # the settings classifier.auto chose, with its reasons
 
 
 def preprocessing(cfg: RunConfig, data: DataSplits, pretrained: bool, in_chans: int,
@@ -76,6 +82,10 @@ def preprocessing(cfg: RunConfig, data: DataSplits, pretrained: bool, in_chans: 
         size = cfg.image_size or int(pcfg.get("input_size", (3, 224, 224))[-1])
         mean = tuple(pcfg.get("mean", (0.485, 0.456, 0.406)))
         std = tuple(pcfg.get("std", (0.229, 0.224, 0.225)))
+        if in_chans == 1 and len(mean) == 3:
+            # A grey model from RGB weights: the stem's kernels are summed over RGB (timm's
+            # adapt_input_conv), as if the grey value were fed to all three: one mean and std for it.
+            mean, std = (sum(mean) / 3,), (sum(std) / 3,)
         interpolation = pcfg.get("interpolation", interpolation)
         crop_pct = 1.0 if data.is_small else float(pcfg.get("crop_pct", 0.875))
     else:
@@ -93,16 +103,14 @@ def _loader(dataset, batch_size: int, *, train: bool, cfg: RunConfig, device: to
     # (seed, epoch) and deals it out rank, rank + N, ..., so the N per-rank batches of step k are
     # together batch k of that permutation: the same global batches for any N (and for a resumed run).
     # Evaluation: ShardSampler, whose shards have no padded repeats, so summed metrics are exact.
-    # The training sampler hands out (index, epoch): each sample's augmentation is drawn from (seed,
-    # epoch, index) (data.EpochSampler), the same in any worker, so a resumed run is exact.
     if train:
+        # The training sampler hands out (index, epoch): each sample's augmentation is drawn from (seed,
+        # epoch, index) (data.EpochSampler), the same in any worker, so a resumed run is exact.
         sampler = EpochSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
                                shuffle=True, seed=cfg.seed, drop_last=False)
     else:
         sampler = distributed.ShardSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank())
     workers = cfg.workers
-    # A generator of its own: the seeds the loader draws for its workers then leave the global random
-    # stream (dropout, mixing) as it was, which an uninterrupted and a resumed run must share.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                       prefetch_factor=4 if workers else None, collate_fn=collate_skipping_broken,
@@ -115,16 +123,20 @@ def load_run_data(cfg: RunConfig) -> DataSplits:
     # Unpacking, downloading and decoding fill a cache on the local disk: under torchrun one process
     # per machine does it first and the others then read it, rather than all writing the same files.
     with distributed.local_main_first():
+        log.info("loading %s ...", cfg.data)
         data = load_data(cfg.data, data_dir=cfg.data_dir, image_dir=cfg.image_dir, classes=cfg.classes,
-                         val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
+                         val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed,
+                         image_column=cfg.image_column, label_column=cfg.label_column)
         if len(data.val) == 0:
             # load_data allows it (a library user may only want train and test); a run does not.
             raise DataError("a run needs a validation split: the best epoch and the calibration temperature "
                             "are chosen on it. --val-fraction 0 leaves none; give a fraction above 0, or "
                             "data with a val/ folder")
         data = materialize_small(data)
-    log.info("data %s: %d classes, %d train / %d val / %d test images, %s", data.name, data.num_classes,
-             len(data.train), len(data.val), len(data.test), "x".join(map(str, data.image_size())))
+    carved = f" ({' and '.join(data.carved)} carved from train)" if data.carved else ""
+    log.info("data %s: %d classes, %d train / %d val / %d test images%s, %s%s", data.name, data.num_classes,
+             len(data.train), len(data.val), len(data.test), carved, "x".join(map(str, data.image_size())),
+             ", grey" if data.channels == 1 else "")
     return data
 
 
@@ -152,14 +164,16 @@ class Prepared:
 
 
 def prepare(cfg: RunConfig, device: torch.device, data: DataSplits | None = None,
-            source: Bundle | None = None) -> Prepared:
+            source: Bundle | None = None, preload: bool = False) -> Prepared:
     """Data, model and loaders for `cfg`. Pass `data` to reuse splits already loaded (a search), and
-    `source` for the bundle of cfg.init_from when the caller has loaded it already."""
+    `source` for the bundle of cfg.init_from when the caller has loaded it already. `preload`:
+    decode photos once, up front, where they fit in memory (`will_preload`), rather than every epoch."""
     pretrained = cfg.resolved_pretrained()
     data = data if data is not None else load_run_data(cfg)
     if source is None and cfg.init_from:
         source = load_bundle(cfg.init_from, revision=cfg.init_from_revision)
-    in_chans = source.in_chans if source is not None else (3 if pretrained else data.channels)
+    # Grey data trains a one-channel model, pretrained ones too (their RGB stem is adapted).
+    in_chans = source.in_chans if source is not None else data.channels
     pcfg, source_size = preprocessing(cfg, data, pretrained, in_chans, source)
     size = int(pcfg["input_size"][-1])
     if source is not None:
@@ -179,21 +193,35 @@ def prepare(cfg: RunConfig, device: torch.device, data: DataSplits | None = None
     log.info("model %s: %s parameters%s", cfg.model, f"{parameters:,}", " (pretrained)" if pretrained else "")
 
     world = distributed.world_size()
-    if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
-    per_rank = cfg.batch_size // world
-    if use_memory_loader(cfg.loader, data, device):
+    batch_size = cfg.batch_size or DEFAULT_BATCH_SIZE
+    if batch_size % world:
+        raise ValueError(f"--batch-size {batch_size} must be divisible by the {world} processes")
+    per_rank = batch_size // world
+    on_tensors = cfg.augment in MEMORY_AUGMENTS and not cfg.random_erasing
+    if cfg.loader == "memory" and not on_tensors:
+        raise DataError(f"--loader memory cannot apply --augment {cfg.augment} or --random-erasing "
+                        f"(PIL transforms): use --loader workers")
+    if on_tensors and use_memory_loader(cfg.loader, data, device):
         # Small images held in memory: batches built on the device, no worker processes. The
         # batches equal eval_transform's (tests/test_preprocessing.py).
+        augment = {"translate": 0, "flip": "none"} if cfg.augment == "none" else {}
         loaders = memory_loaders(data, batch_size=per_rank, eval_batch_size=per_rank * 2, mean=pcfg["mean"],
                                  std=pcfg["std"], device=device, size=size, channels=in_chans,
-                                 interpolation=pcfg["interpolation"], seed=cfg.seed)
+                                 interpolation=pcfg["interpolation"], seed=cfg.seed, **augment)
     else:
-        train_tf, eval_tf = train_transform(pcfg, data.is_small), eval_transform(pcfg, source_size)
-        loaders = (_loader(ImageDataset(data.train, train_tf, in_chans, seed=cfg.seed), per_rank, train=True, cfg=cfg,
-                           device=device),
-                   _loader(ImageDataset(data.val, eval_tf, in_chans), per_rank * 2, train=False, cfg=cfg, device=device),
-                   _loader(ImageDataset(data.test, eval_tf, in_chans), per_rank * 2, train=False, cfg=cfg, device=device))
+        train_tf = train_transform(pcfg, data.is_small, cfg.augment, cfg.random_erasing)
+        eval_tf = eval_transform(pcfg, source_size)
+        if preload and will_preload(data, in_chans, size):
+            datasets = (PreloadedImages(data.train, train_tf, in_chans, preload_side(size), what="training photos",
+                                        seed=cfg.seed),
+                        PreloadedImages(data.val, eval_tf, in_chans, what="validation photos"),
+                        PreloadedImages(data.test, eval_tf, in_chans, what="test photos"))
+        else:
+            datasets = (ImageDataset(data.train, train_tf, in_chans, seed=cfg.seed),
+                        ImageDataset(data.val, eval_tf, in_chans), ImageDataset(data.test, eval_tf, in_chans))
+        loaders = (_loader(datasets[0], per_rank, train=True, cfg=cfg, device=device),
+                   _loader(datasets[1], per_rank * 2, train=False, cfg=cfg, device=device),
+                   _loader(datasets[2], per_rank * 2, train=False, cfg=cfg, device=device))
     log.info("loader: %s", type(loaders[0]).__name__)
     return Prepared(data, pcfg, source_size, model, model_args, in_chans, pretrained, new_head, parameters, *loaders,
                     started_from=stage_record(source, cfg.init_from) if source is not None else None)
@@ -226,14 +254,19 @@ def start_from_bundle(source: Bundle, architecture: str, classes: list[str], siz
 def find_lr(cfg: RunConfig, setup: Prepared, device: torch.device, out: Path) -> LRFinderResult:
     """lr='auto': the range test's suggestion (classifier.lr_finder), its curve saved in `out`.
 
-    A resumed run reuses the suggestion it started with; under DDP every rank tests its own shard
-    and all use the geometric mean of the suggestions, so the ranks agree.
+    The sweep spans three decades either side of the run's measured default rate, which the
+    suggestion falls back to where the curve is flat or noisy, and stays near otherwise. A resumed
+    run reuses the suggestion it started with; under DDP every rank tests its own shard and all use
+    the geometric mean of the suggestions, so the ranks agree.
     """
     saved = out / LR_FINDER_FILE
     if cfg.resume and saved.exists():
         return LRFinderResult.load(saved)
+    default = default_lr(cfg.optimizer, cfg.batch_size or DEFAULT_BATCH_SIZE, fine_tuning=setup.new_head)
+    log.info("learning-rate range test: %d steps from %.1g to %.1g ...", cfg.lr_finder_steps, default / 1e3, default * 1e3)
     finder = lr_range_test(setup.model, setup.train_loader, TrainConfig.from_run(cfg, setup.new_head, lr=1.0),
-                           device=device, num_steps=cfg.lr_finder_steps)
+                           device=device, num_steps=cfg.lr_finder_steps or 100, start_lr=default / 1e3,
+                           end_lr=default * 1e3, default_lr=default)
     if distributed.is_distributed():
         log_lr = torch.tensor([math.log(finder.suggestion)], device=device, dtype=torch.float64)
         distributed.all_reduce_sum(log_lr)
@@ -242,31 +275,74 @@ def find_lr(cfg: RunConfig, setup: Prepared, device: torch.device, out: Path) ->
         out.mkdir(parents=True, exist_ok=True)
         finder.save(saved)
         plot_lr_finder(finder, out / LR_FINDER_PNG)
-    log.info("learning-rate finder: %s suggests %.3g (valley %.3g, steepest %.3g, min/10 %.3g)",
-             finder.method, finder.suggestion, finder.valley, finder.steepest, finder.minimum)
+    log.info("learning-rate finder suggests %.3g: %s (fast.ai's valley %.3g, steepest %.3g, min/10 %.3g)",
+             finder.suggestion, finder.note, finder.valley, finder.steepest, finder.minimum)
     return finder
 
 
-def run(cfg: RunConfig) -> RunResult:
-    """Train and evaluate as `cfg` says; writes checkpoints, logs and config.yaml to cfg.out, the
-    bundle to cfg.out/bundle. Under torchrun, a rank that stops answering is named (StalledRank)."""
+# The files of a run in its --out folder, which --overwrite removes (and nothing else there).
+RUN_FILES = (RUN_BUNDLE_DIR, LAST_CHECKPOINT, BEST_WEIGHTS, METRICS_LOG, "curves.png", LR_FINDER_FILE, LR_FINDER_PNG,
+             TEST_METRICS_FILE, "config.yaml")
+
+
+def check_out(out: str | Path | None, resume: bool, overwrite: bool) -> None:
+    """Refuse an --out that holds a finished run's bundle (or a checkpoint) unless --resume goes on
+    with it or --overwrite replaces it; --overwrite removes the run's own files, nothing else."""
+    if out is None:
+        return
+    out = Path(out)
+    finished = (out / RUN_BUNDLE_DIR / CONFIG_FILE).exists()
+    started = (out / LAST_CHECKPOINT).exists()
+    if overwrite and resume:
+        raise DataError("--overwrite starts the run in --out afresh and --resume continues it: choose one")
+    if overwrite:
+        for name in RUN_FILES:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        return
+    if finished and not resume:
+        raise DataError(f"{out} already holds a trained bundle ({out / RUN_BUNDLE_DIR}): give another --out, "
+                        f"--overwrite to replace it, or --resume to go on with its run")
+    if started and not resume:
+        raise DataError(f"{out} holds an unfinished run ({out / LAST_CHECKPOINT}): --resume continues it, "
+                        f"--overwrite starts it again")
+
+
+def run(cfg: RunConfig, given: set[str] | None = None) -> RunResult:
+    """Train and evaluate as `cfg` says, choosing what it leaves open (classifier.auto; `given`: the
+    settings its user chose, else those that differ from the defaults); writes checkpoints, logs
+    and config.yaml to cfg.out, the bundle to cfg.out/bundle. Under torchrun, a rank that stops
+    answering is named (StalledRank)."""
     with distributed.stall_report():
-        return _run(cfg)
+        return _run(cfg, given)
 
 
-def _run(cfg: RunConfig) -> RunResult:
-    out = Path(cfg.out)
-    if distributed.is_main_process():
-        files.check_output_folder(out)  # a read-only or mistyped --out: said now, not after an epoch
+def _run(cfg: RunConfig, given: set[str] | None) -> RunResult:
+    started = time.perf_counter()
     device = pick_device(cfg.device)
     use_every_core(device)
     keep_freed_memory(device)  # 1.6x faster CPU epochs on glibc: see classifier/allocator.py
-    setup = prepare(cfg, device)
-    data, model = setup.data, setup.model
+    data = load_run_data(cfg)
+    plan = resolve(cfg, data, device, given, elapsed=time.perf_counter() - started)
+    cfg = plan.cfg
+    for name, reason in plan.reasons.items():
+        log.info("chose %s %s", name, reason)
+    if plan.estimated_seconds:
+        log.info("estimated time on this machine: %.1f minutes", plan.estimated_seconds / 60)
+    if plan.warning:
+        log.warning("warning: %s", plan.warning)
+    out = Path(cfg.out)
+    if distributed.is_main_process():
+        files.check_output_folder(out)  # a read-only or mistyped --out: said now, not after an epoch
+    setup = prepare(cfg, device, data=data, preload=True)
+    model = setup.model
     val_loader, test_loader = setup.val_loader, setup.test_loader
 
     finder = find_lr(cfg, setup, device, out) if cfg.lr == "auto" else None
-    lr = finder.suggestion if finder else cfg.resolved_lr()
+    lr = finder.suggestion if finder else cfg.resolved_lr(fine_tuning=setup.new_head)
     train_config, settings = TrainConfig.from_run(cfg, setup.new_head, lr), resume_settings(cfg)
     if cfg.resume:  # refused before config.yaml is rewritten with the settings that do not fit
         check_resumable(out / LAST_CHECKPOINT, train_config, settings, len(setup.train_loader))
@@ -282,11 +358,14 @@ def _run(cfg: RunConfig) -> RunResult:
     # Rank 0 wrote them and sends them: other machines need not see its disk.
     best = load_file(str(result.best_weights)) if distributed.is_main_process() else None
     model.load_state_dict(distributed.broadcast_state(best))
+    log.info("evaluating the best epoch (%d) on %d validation and %d test images ...", result.best_epoch,
+             len(data.val), len(data.test))
     evaluation = evaluate_model(model, val_loader, test_loader, data.classes, device,
-                                autocast_dtype(device, cfg.amp), cfg.tta)
+                                autocast_dtype(device, cfg.amp), cfg.tta, carved=data.carved)
     metrics = evaluation.metrics
     metrics.update(best_epoch=result.best_epoch, epochs_trained=len(result.history),
-                   stopped_early=result.stopped_early, train_seconds=float(sum(r["seconds"] for r in result.history)))
+                   stopped_early=result.stopped_early, train_seconds=float(sum(r["seconds"] for r in result.history)),
+                   lr=lr)
     if distributed.is_main_process():
         project = {
             "dataset": data.name, "classes_selected": cfg.classes, "num_train": len(data.train),
@@ -296,6 +375,12 @@ def _run(cfg: RunConfig) -> RunResult:
             "training": {k: v for k, v in asdict(cfg).items() if k != "command"},
             "command": cfg.command,
         }
+        if plan.reasons:
+            project["choices"] = plan.reasons
+        if data.carved:
+            project["carved_splits"] = list(data.carved)
+        if cfg.data.startswith("hf:") and not Path(cfg.data[3:]).expanduser().exists():
+            project["hub_dataset"] = "/".join(cfg.data[3:].strip("/").split("/")[:2])  # hf:OWNER/NAME: the card links it
         if setup.source_image_size:
             project["source_image_size"] = setup.source_image_size
         if setup.started_from:
@@ -319,7 +404,45 @@ def _run(cfg: RunConfig) -> RunResult:
             (out / TEST_METRICS_FILE).write_text(json.dumps(metrics, indent=2))
             write_model_card(bundle_dir)  # README.md, from the files just written; last, so it cannot cost them
     distributed.barrier()
-    return RunResult(bundle_dir, metrics, result.history, setup.parameters)
+    return RunResult(bundle_dir, metrics, result.history, setup.parameters, cfg, plan.reasons)
+
+
+def summarize(result: RunResult) -> str:
+    """What a run ends with: each split's accuracy with its interval and size, the worst classes,
+    what calibration did, where the bundle is, and the commands that come next."""
+    m = result.metrics
+    shown = m.get("split", "test")
+    splits = m.get("splits", {})
+    lines = [f"{shown} accuracy {describe_accuracy(m['accuracy'], m.get('accuracy_ci95'), m['num_samples'])}"
+             f"  macro F1 {m['macro_f1']:.3f}  (eval/ shows this split)"]
+    other = "validation" if shown == "test" else "test"
+    if other in splits and splits[other]["num_samples"]:
+        o = splits[other]
+        used = " (it chose the best epoch)" if other == "validation" else ""
+        lines.append(f"{other} accuracy {describe_accuracy(o['accuracy'], o['accuracy_ci95'], o['num_samples'])}"
+                     f"{used}")
+    if splits.get("test", {}).get("origin", "").startswith("carved"):
+        lines.append(f"no test split in the data: the test split is {splits['test']['num_samples']} images carved "
+                     f"from the training images" + ("; the validation split is larger and is the one shown" if
+                                                    shown == "validation" else ""))
+    per_class = sorted((c for c in m.get("per_class", []) if c["support"]), key=lambda c: c["accuracy"])
+    worst = [c for c in per_class if c["accuracy"] < 1][:3]
+    if worst:
+        lines.append("worst classes: " + ", ".join(
+            f"{c['class']} {c['accuracy']:.0%} ({round(c['accuracy'] * c['support'])}/{c['support']})" for c in worst))
+    calibration = m.get("calibration", {})
+    if calibration.get("reason"):
+        lines.append(f"calibration: {calibration['reason']}")
+    seconds = m.get("train_seconds")
+    lines.append(f"{result.parameters:,} parameters, {m.get('epochs_trained', '?')} epochs"
+                 + (f" in {seconds / 60:.1f} minutes" if seconds else "") + (f", lr {m['lr']:.3g}" if m.get("lr") else ""))
+    bundle = result.bundle_dir
+    lines += [f"bundle: {bundle}  (model card: {bundle / 'README.md'})", "next:",
+              f"  python -m classifier evaluate {bundle} --data LABELLED_FOLDER   # on photos it has not seen",
+              f"  python -m classifier predict {bundle} photo.jpg",
+              f"  python app.py --model {bundle}",
+              f"  python -m classifier push {bundle} OWNER/NAME"]
+    return "\n".join(lines)
 
 
 def resume_settings(cfg: RunConfig) -> dict:

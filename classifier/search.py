@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from classifier.allocator import keep_freed_memory
+from classifier.auto import resolve
 from classifier.config import RUN_FIELDS, RunConfig, TrainConfig
 from classifier.errors import SearchError, TrainingDiverged
 from classifier.loop import BEST_WEIGHTS, LAST_CHECKPOINT, fit
@@ -323,6 +324,8 @@ def run_search(config: SearchConfig, on_trial_end: Callable[[TrialRecord], None]
             break
         if data is None:  # before a trial is opened, so a data error leaves no trial behind
             data = load_run_data(config.base)
+            # What the search leaves open (model "auto", batch size, ...) is chosen once, for every trial.
+            config = replace(config, base=resolve(config.base, data, device).cfg)
         if points is not None:
             done = {json.dumps(r.params, sort_keys=True) for r in finished}
             todo = [p for p in points if json.dumps(p, sort_keys=True) not in done]

@@ -62,20 +62,56 @@ def eval_transform(pretrained_cfg: dict, source_image_size: Sequence[int] | None
     return T.Compose(steps)
 
 
-def train_transform(pretrained_cfg: dict, small: bool) -> T.Compose:
-    """The training augmentation of one run.
+# Training augmentation policies (--augment). "default" is what every recipe was tuned with.
+AUGMENTS = {
+    "default": "small images: random crop (reflect padding) and mirror; photos: random resized crop (25-100%), "
+               "mirror, rotation up to 10 degrees and colour jitter",
+    "none": "no augmentation: the eval transform",
+    "light": "small images: as default; photos: random resized crop (35-100%) and mirror",
+    "randaugment": "default's crop and mirror, then timm's RandAugment (rand-m9-mstd0.5-inc1)",
+    "trivialaugment": "default's crop and mirror, then TrivialAugment (torchvision's TrivialAugmentWide)",
+}
+# The policies the in-memory device loader (classifier.fastdata) reproduces on tensors; the others
+# need the PIL pipeline of a DataLoader.
+MEMORY_AUGMENTS = ("default", "light", "none")
+RANDAUGMENT = "rand-m9-mstd0.5-inc1"  # timm's recipe for ImageNet training (its train.py examples)
 
-    Small images (CIFAR, Fashion-MNIST): resized to the model's input if needed, a random crop with
-    reflect padding and a horizontal flip. Photos: RandomResizedCrop, flip, a small rotation and
-    colour jitter.
-    """
-    _, size, _ = pretrained_cfg["input_size"]
-    interp = INTERPOLATION[pretrained_cfg.get("interpolation", "bilinear")]
+
+def _crop_and_mirror(size: int, small: bool, interp, scale: tuple[float, float]) -> list:
     if small:
-        steps = [T.Resize((size, size), interpolation=interp, antialias=True),
-                 T.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect"), T.RandomHorizontalFlip()]
+        return [T.Resize((size, size), interpolation=interp, antialias=True),
+                T.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect"), T.RandomHorizontalFlip()]
+    return [T.RandomResizedCrop(size, scale=scale, interpolation=interp, antialias=True), T.RandomHorizontalFlip()]
+
+
+def train_transform(pretrained_cfg: dict, small: bool, augment: str = "default",
+                    random_erasing: float = 0.0) -> T.Compose:
+    """The training augmentation of one run: the policy `augment` (AUGMENTS), then, with
+    `random_erasing` > 0, timm's RandomErasing of a random box in that share of the images.
+
+    Small images (CIFAR, Fashion-MNIST) are resized to the model's input if needed before the
+    policy; photos get a random resized crop. RandAugment is timm's; TrivialAugment, which timm
+    lacks, is torchvision's.
+    """
+    if augment not in AUGMENTS:
+        raise ValueError(f"unknown augmentation '{augment}' ({', '.join(AUGMENTS)})")
+    if augment == "none":
+        steps = list(eval_transform(pretrained_cfg).transforms)
     else:
-        steps = [T.RandomResizedCrop(size, scale=(0.25, 1.0), interpolation=interp, antialias=True),
-                 T.RandomHorizontalFlip(), T.RandomRotation(10, interpolation=interp),
-                 T.ColorJitter(0.2, 0.2, 0.2, 0.02)]
-    return T.Compose(steps + [T.ToTensor(), T.Normalize(pretrained_cfg["mean"], pretrained_cfg["std"])])
+        channels, size, _ = pretrained_cfg["input_size"]
+        interp = INTERPOLATION[pretrained_cfg.get("interpolation", "bilinear")]
+        steps = _crop_and_mirror(size, small, interp, (0.35, 1.0) if augment == "light" else (0.25, 1.0))
+        if augment == "default" and not small:
+            steps += [T.RandomRotation(10, interpolation=interp), T.ColorJitter(0.2, 0.2, 0.2, 0.02)]
+        elif augment == "randaugment":
+            fill = [min(255, round(255 * m)) for m in pretrained_cfg["mean"]]
+            # A grey image's fill is one number; Pillow refuses a one-element tuple for it.
+            steps.append(timm.data.auto_augment.rand_augment_transform(
+                RANDAUGMENT, {"translate_const": int(size * 0.45),
+                              "img_mean": fill[0] if channels == 1 else tuple(fill)}))
+        elif augment == "trivialaugment":
+            steps.append(T.TrivialAugmentWide(interpolation=interp))
+        steps += [T.ToTensor(), T.Normalize(pretrained_cfg["mean"], pretrained_cfg["std"])]
+    if random_erasing > 0:
+        steps.append(timm.data.random_erasing.RandomErasing(random_erasing, mode="pixel", device="cpu"))
+    return T.Compose(steps)

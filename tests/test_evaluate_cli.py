@@ -55,12 +55,24 @@ def test_write_makes_a_tta_evaluation_the_bundles_own(tiny_bundle, tmp_path, cap
     assert "| Evaluation command | `python -m classifier evaluate " in model_summary(load_bundle(bundle), str(bundle))
 
 
-def test_data_with_other_classes_is_one_error_line(tiny_bundle, tmp_path, capsys):
-    other = make_image_folder(tmp_path / "other", per_class=10)
+def test_a_labelled_folder_with_some_of_the_models_classes_is_evaluated(tiny_bundle, tmp_path, capsys):
+    other = make_image_folder(tmp_path / "other", per_class=6, seed=7)
     shutil.rmtree(other / "triangle")  # two of the bundle's three classes
+    assert main([str(tiny_bundle), "--data", str(other), "--workers", "0", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "all 12 images, 2 of the model's 3 classes" in out
+    line = next(line for line in out.splitlines() if line.startswith("accuracy "))
+    assert "(95% CI " in line and "n=12)" in line
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "|---" not in line][1:]
+    assert [row.split("|")[1].strip() for row in rows] == ["circle", "square"]  # only the classes it has
+
+
+def test_data_with_a_class_the_model_lacks_is_one_error_line(tiny_bundle, tmp_path, capsys):
+    other = make_image_folder(tmp_path / "other", per_class=3)
+    (other / "triangle").rename(other / "hexagon")
     assert main([str(tiny_bundle), "--data", str(other), "--workers", "0", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: the data's classes") and "Traceback" not in err
+    assert "error: " in err and "hexagon are not the model's" in err and "Traceback" not in err
 
 
 def test_a_missing_bundle_is_one_error_line(tmp_path, capsys):

@@ -35,7 +35,7 @@ def test_help_lists_every_option_with_its_default():
                    "--optimizer", "--schedule", "--label-smoothing", "--grad-clip", "--freeze-epochs",
                    "--patience", "--amp", "--resume", "--out"):
         assert option in out
-    assert "(default: 10)" in out and "(default: sgd)" in out
+    assert "(default: sgd)" in out and "(default: chosen from the data" in out and "(default: None)" not in out
 
 
 def test_a_real_run_writes_a_bundle(folder, tmp_path):
@@ -55,7 +55,9 @@ def test_a_real_run_writes_a_bundle(folder, tmp_path):
     assert all("raw_val_acc" in json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
     assert config["classifier"]["command"].startswith("python ") and "--classes circle,square" in config["classifier"]["command"]
     metrics = json.loads((bundle / "eval" / "metrics.json").read_text())
-    assert metrics["num_samples"] == 48 and f"test accuracy {metrics['accuracy']:.4f}" in result.stdout
+    low, high = metrics["accuracy_ci95"]
+    assert metrics["num_samples"] == 48 and metrics["split"] == "test"  # the data's own test split
+    assert f"test accuracy {metrics['accuracy']:.1%} (95% CI {low:.1%}-{high:.1%}, n=48)" in result.stdout
     for name in ("model.safetensors", "eval/confusion_matrix.png", "eval/mistakes.json", "eval/curves.png"):
         assert (bundle / name).exists(), name
     assert (out / "metrics.jsonl").exists() and (out / "last.pt").exists()

@@ -571,7 +571,7 @@ def test_finetune_pushes_after_training_and_keeps_results_when_the_push_fails(fa
     finetune = load_finetune()
     runs = []
 
-    def trained(cfg):  # training itself is tested elsewhere; this is what it leaves behind
+    def trained(cfg, given=None):  # training itself is tested elsewhere; this is what it leaves behind
         runs.append(cfg)
         return RunResult(bundle, json.loads((bundle / "eval" / "metrics.json").read_text()), [], 1234)
 
@@ -581,7 +581,8 @@ def test_finetune_pushes_after_training_and_keeps_results_when_the_push_fails(fa
     assert bad.value.code == 2 and not runs
     capsys.readouterr()
 
-    args = ["--data", "shapes", "--push-to-hub", "alice/shapes-cnn", "--revision", "exp", "--commit-message", "m"]
+    # --data must exist: it is checked before training (which this test replaces) would load it.
+    args = ["--data", str(bundle), "--push-to-hub", "alice/shapes-cnn", "--revision", "exp", "--commit-message", "m"]
     assert finetune.main(args) == 0
     assert "pushed " in capsys.readouterr().out and fake_hub.commits[-1]["summary"] == "m"
 

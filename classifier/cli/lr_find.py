@@ -2,9 +2,11 @@
 
     python -m classifier lr-find --data path/to/folder --model fast_cnn --out runs/lr.png
 
-The data and model options, and their defaults, are those of `python -m classifier train`; the
-run's settings (batch size, optimiser, weight decay) decide the curve, so give the ones you will
-train with. `train --lr auto` runs the same test before training and uses its suggestion.
+The data and model options, and their defaults, are those of `python -m classifier train` (what is
+left open is chosen from the data as train chooses it); the run's settings (batch size, optimiser,
+weight decay) decide the curve, so give the ones you will train with. The sweep spans three decades
+either side of the run's measured default rate unless --start-lr/--end-lr say otherwise. `train
+--lr auto` runs the same test before training and uses its suggestion.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import shlex
 import sys
 
 from classifier.allocator import keep_freed_memory
-from classifier.cli.common import DEFAULTS, add_data_options, add_model_options, add_running_options, report, run_values
-from classifier.config import RunConfig, TrainConfig
+from classifier.auto import resolve
+from classifier.cli.common import (DEFAULTS, add_data_options, add_model_options, add_running_options, positive_int,
+                                   report, run_values)
+from classifier.config import DEFAULT_BATCH_SIZE, RunConfig, TrainConfig, default_lr
 from classifier.errors import USER_ERRORS
 from classifier.lr_finder import METHODS, lr_range_test
 from classifier.plots import plot_lr_finder
-from classifier.run import prepare
+from classifier.run import load_run_data, prepare
 from classifier.runtime import pick_device
 
 
@@ -31,15 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_options(p)
     add_model_options(p)
     g = p.add_argument_group("the run the rate is for")
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--batch-size", type=positive_int("--batch-size"), default=d.batch_size,
+                   help="default: chosen from the data, as train chooses it")
     g.add_argument("--optimizer", choices=["sgd", "adamw"], default=d.optimizer)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     add_running_options(p, g)
     g = p.add_argument_group("the range test")
-    g.add_argument("--steps", type=int, default=d.lr_finder_steps, help="steps of the sweep (fewer if the loss explodes first)")
-    g.add_argument("--start-lr", type=float, default=1e-7)
-    g.add_argument("--end-lr", type=float, default=10.0)
-    g.add_argument("--method", choices=METHODS, default="valley", help="which point of the curve to suggest")
+    g.add_argument("--steps", type=int, default=100, help="steps of the sweep (fewer if the loss explodes first)")
+    g.add_argument("--start-lr", type=float, default=None, help="default: the run's default rate / 1000")
+    g.add_argument("--end-lr", type=float, default=None, help="default: the run's default rate x 1000")
+    g.add_argument("--method", choices=METHODS, default="auto",
+                   help="which point of the curve to suggest (auto: the steepest descent, near the default; "
+                        "see classifier.lr_finder)")
     g.add_argument("--out", default="lr_finder.png", help="the plot; the curve goes beside it as .json")
     return p
 
@@ -51,25 +58,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = pick_device(cfg.device)
         keep_freed_memory(device)  # faster CPU steps: see classifier/allocator.py
-        setup = prepare(cfg, device)
-        result = lr_range_test(setup.model, setup.train_loader, TrainConfig.from_run(cfg, setup.new_head, lr=args.end_lr),
-                               device=device, start_lr=args.start_lr, end_lr=args.end_lr,
-                               num_steps=args.steps, method=args.method)
+        data = load_run_data(cfg)
+        cfg = resolve(cfg, data, device).cfg
+        setup = prepare(cfg, device, data=data)
+        default = default_lr(cfg.optimizer, cfg.batch_size or DEFAULT_BATCH_SIZE, fine_tuning=setup.new_head)
+        start, end = args.start_lr or default / 1e3, args.end_lr or default * 1e3
+        result = lr_range_test(setup.model, setup.train_loader, TrainConfig.from_run(cfg, setup.new_head, lr=end),
+                               device=device, start_lr=start, end_lr=end, num_steps=args.steps, method=args.method,
+                               default_lr=default)
     except USER_ERRORS as exc:
         return report(exc)
-    plot = plot_lr_finder(result, args.out, title=f"{args.model} on {setup.data.name}: suggested lr {result.suggestion:.2g}")
+    plot = plot_lr_finder(result, args.out, title=f"{cfg.model} on {setup.data.name}: suggested lr {result.suggestion:.2g}")
     result.save(plot.with_suffix(".json"))
     ended = "the loss exploded" if result.diverged else "the sweep ended before the loss exploded"
     print(f"swept lr {result.lrs[0]:.1e} -> {result.lrs[-1]:.1e} over {len(result.lrs)} steps ({ended})")
     for name in METHODS:
         mark = "  <- suggested" if name == result.method else ""
         print(f"  {name:<9} {getattr(result, name):.3g}{mark}")
+    print(f"  (auto: {result.note})")
     print(f"plot: {plot}")
     data = " ".join(f"{flag} {shlex.quote(value)}" for flag, value in (
         ("--data", args.data), ("--data-dir", args.data_dir), ("--image-dir", args.image_dir),
         ("--classes", ",".join(args.classes) if args.classes else None)) if value)
-    print(f"train with it: python -m classifier train {data} --model {args.model} --optimizer {args.optimizer} "
-          f"--batch-size {args.batch_size} --lr {result.suggestion:.3g}  (or --lr auto)")
+    print(f"train with it: python -m classifier train {data} --model {cfg.model} --optimizer {cfg.optimizer} "
+          f"--batch-size {cfg.batch_size} --lr {result.suggestion:.3g}  (or --lr auto)")
     return 0
 
 

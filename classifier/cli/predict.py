@@ -10,6 +10,12 @@ A folder stands for every image under it (the id is the file name without its ex
 with an `id` column names the images by id, found in --image-dir as `<id>` or `<id>.<ext>`, and
 the submission keeps the CSV's order. An image that cannot be read gets one error line on stderr,
 the others are still predicted, and the exit status is 1 (2 when nothing could run at all).
+
+A labelled folder -- images in folders named after the model's classes, root/<class>/* or
+root/test/<class>/* -- is scored too: the accuracy with its 95% interval, per class, and every
+mistake written to --mistakes (a CSV: image, true class, predicted class, probabilities).
+
+    python -m classifier predict runs/latest/bundle my-labelled-photos/ --mistakes mistakes.csv
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from classifier.cli.common import report
 from classifier.data import IMAGE_EXTENSIONS, list_images
 from classifier.errors import USER_ERRORS, ImageError, InputError
 from classifier.images import open_image
+from classifier.intervals import describe_accuracy, wilson_interval
 from classifier.predict import Predictor
 from classifier.runtime import pick_device
 from classifier.tta import TTA_MODES
@@ -42,6 +49,8 @@ class Item:
     path: Path | None  # None: the CSV names an id with no image file
     predictions: dict[str, float] | None = None
     error: str | None = None
+    folder: str | None = None  # the name of the folder the image is in, when it came from a folder given
+    label: str | None = None  # its true class: the folder's name, when that is one of the model's classes
 
 
 def _images_under(folder: Path) -> list[Path]:
@@ -57,7 +66,7 @@ def items_from_paths(paths: Iterable[str | os.PathLike]) -> list[Item]:
             found = _images_under(path)
             if not found:
                 raise InputError(f"{path}: the folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-            items += [Item(p.stem, p) for p in found]
+            items += [Item(p.stem, p, folder=p.parent.name if p.parent != path else None) for p in found]
         else:
             items.append(Item(path.stem, path))  # a missing file becomes that image's error line
     return items
@@ -132,10 +141,50 @@ def plot_predictions(items: list[Item], path: str | os.PathLike, channels: int =
     return draw([(item.path.name, open_image(item.path, channels), item.predictions) for item in shown], path)
 
 
-def format_item(item: Item) -> str:
-    lines = [str(item.path)]
-    width = max(len(name) for name in item.predictions)
-    for name, p in item.predictions.items():
+def label_items(items: list[Item], labels: list[str]) -> int:
+    """Give each image in a folder named after one of the model's classes that class as its true
+    label (root/<class>/*); returns how many are labelled."""
+    known = set(labels)
+    for item in items:
+        item.label = item.folder if item.folder in known else None
+    return sum(item.label is not None for item in items)
+
+
+def score(items: list[Item]) -> str:
+    """The accuracy on the labelled images that were predicted, with its interval, and per class."""
+    scored = [item for item in items if item.label and item.predictions]
+    right = [item for item in scored if next(iter(item.predictions)) == item.label]
+    lines = [f"labelled images: {len(right)} of {len(scored)} right, accuracy "
+             f"{describe_accuracy(len(right) / len(scored), wilson_interval(len(right), len(scored)), len(scored))}"]
+    for label in sorted({item.label for item in scored}):
+        mine = [item for item in scored if item.label == label]
+        hits = sum(next(iter(item.predictions)) == label for item in mine)
+        lines.append(f"  {label}: {describe_accuracy(hits / len(mine), wilson_interval(hits, len(mine)), len(mine))}")
+    return "\n".join(lines)
+
+
+def write_mistakes(items: list[Item], path: str | os.PathLike) -> int:
+    """image,true,predicted,p_predicted,p_true for each labelled image predicted wrong, the most
+    confident mistakes first; returns how many."""
+    wrong = [item for item in items if item.label and item.predictions and next(iter(item.predictions)) != item.label]
+    wrong.sort(key=lambda item: item.predictions.get(item.label, 0.0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "true", "predicted", "p_predicted", "p_true"])
+        for item in wrong:
+            predicted, p = next(iter(item.predictions.items()))
+            writer.writerow([str(item.path), item.label, predicted, f"{p:.4f}",
+                             f"{item.predictions.get(item.label, 0.0):.4f}"])
+    return len(wrong)
+
+
+def format_item(item: Item, top_k: int | None = None) -> str:
+    shown = list(item.predictions.items())[:top_k]
+    lines = [str(item.path) + (f"  (true: {item.label})" if item.label else "")]
+    width = max(len(name) for name, _ in shown)
+    for name, p in shown:
         lines.append(f"  {name:<{width}}  {p:7.2%}  {'#' * int(round(p * 20))}")
     return "\n".join(lines)
 
@@ -149,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", help="a CSV with an 'id' column naming the images (test.csv of a contest)")
     p.add_argument("--image-dir", help="with --csv: the folder of images (default: the CSV's folder)")
     p.add_argument("--top-k", type=int, default=5, help="classes to show per image")
+    p.add_argument("--mistakes", metavar="CSV", default="mistakes.csv",
+                   help="with a labelled folder (root/<class>/*): where to write the images predicted wrong")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--plot", metavar="PNG", help=f"save the images beside bar charts (the first {PLOT_MAX_IMAGES})")
     p.add_argument("--submission", metavar="CSV", help="write id,label (the top class) for every image")
@@ -177,16 +228,26 @@ def main(argv: list[str] | None = None) -> int:
         return report(exc)
 
     quiet = args.json or args.submission  # a contest's thousands of images: a summary, not pages of text
-    for item in predict_items(predictor, items, args.top_k, args.batch_size):
+    labelled = label_items(items, predictor.labels)
+    # Scoring needs the true class's probability, whatever --top-k shows.
+    top_k = len(predictor.labels) if labelled else args.top_k
+    for item in predict_items(predictor, items, top_k, args.batch_size):
         if item.error:
             print(f"error: {item.error}", file=sys.stderr)
         elif not quiet:
-            print(format_item(item))
+            print(format_item(item, args.top_k))
     failed = [item for item in items if item.error]
+    summary_stream = sys.stderr if args.json else sys.stdout
+    if labelled and any(item.label and item.predictions for item in items):
+        print(score(items), file=summary_stream)
+        wrong = write_mistakes(items, args.mistakes)
+        print(f"wrote {wrong} mistake(s) to {args.mistakes}", file=summary_stream)
 
     if args.json:
         print(json.dumps([{"id": item.id, "image": str(item.path) if item.path else None,
-                           **({"predictions": item.predictions} if item.predictions else {"error": item.error})}
+                           **({"label": item.label} if item.label else {}),
+                           **({"predictions": dict(list(item.predictions.items())[:args.top_k])} if item.predictions
+                              else {"error": item.error})}
                           for item in items], indent=1))
     if args.submission:
         rows = write_submission(items, args.submission)

@@ -100,7 +100,7 @@ def step_argv(command: str, options: dict) -> list[str]:
 
 def train_state(options: dict) -> str:
     """"done" (its bundle exists), "interrupted" (a checkpoint, no bundle) or "new"."""
-    out = Path(str(options.get("out", "runs/latest")))
+    out = Path(str(options["out"]))
     if (out / RUN_BUNDLE_DIR / CONFIG_FILE).is_file():
         return "done"
     return "interrupted" if (out / LAST_CHECKPOINT).is_file() else "new"
@@ -114,9 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--set takes NAME=VALUE, e.g. --set data_dir=../data/cifar10-jpeg.tar.gz")
         description, steps = read_recipe(args.recipe)
         planned = []
-        for command, options in steps:
+        for number, (command, options) in enumerate(steps, start=1):
             if command == "train":
-                options = {**options, **overrides}
+                # A step's own folder, so that a rerun knows it is done (train's default is a new one each time).
+                options = {"out": f"runs/{Path(args.recipe).stem}-step{number}", **options, **overrides}
             planned.append((command, options, step_argv(command, options)))
     except ConfigError as exc:
         return report(exc)
