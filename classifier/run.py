@@ -476,10 +476,3 @@ def _refuse_collapse_over_good_bundle(result, data: DataSplits, lr: float, bundl
                                 f"one (its best weights are in {result.best_weights})")
     return True
 
-
-def summarize(result: RunResult) -> str:
-    m = result.metrics
-    cal = m["calibration"]
-    return (f"test accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}  loss {m['loss']:.4f}  "
-            f"ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f} (T={cal['temperature']:.3f})  "
-            f"{result.parameters:,} parameters  bundle: {result.bundle_dir}")
