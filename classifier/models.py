@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import timm
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -459,6 +460,13 @@ def zero_head(model: nn.Module) -> None:
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def conv_filters(model: nn.Module) -> list[tuple[str, np.ndarray]]:
+    """(name, weight as a numpy array (out, in, kh, kw)) for every 2-D convolution of `model`, in
+    order: plain data for classifier.plots.plot_conv_filters, which draws without torch."""
+    return [(name, module.weight.detach().float().cpu().numpy()) for name, module in model.named_modules()
+            if isinstance(module, nn.Conv2d)]
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
