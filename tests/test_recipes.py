@@ -51,7 +51,7 @@ def test_a_run_writes_its_settings_and_they_repeat_it(tiny_bundle):
     assert {k: getattr(again, k) for k in values} == values
 
 
-@pytest.mark.parametrize("name", ["cifar10-efficientnet-lite0.yaml", "cifar10-cnn.yaml"])
+@pytest.mark.parametrize("name", ["cifar10-efficientnet-lite0.yaml", "cifar10-cnn.yaml", "tutorial-apparel.yaml"])
 def test_the_shipped_recipes_read_as_the_commands_that_made_the_bundles(name, capsys):
     assert recipe.main([str(ROOT / "recipes" / name), "--dry-run", "--set", "data_dir=somewhere"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("python -m classifier ")]
@@ -59,6 +59,8 @@ def test_the_shipped_recipes_read_as_the_commands_that_made_the_bundles(name, ca
     if name.startswith("cifar10-efficientnet"):
         assert [line.split()[3] for line in lines] == ["train", "train", "evaluate", "train", "soup"]
         assert "--cutmix 1.0" in lines[3] and lines[4].endswith("--out runs/soup2 --tta flip --loader memory")
+    if name == "tutorial-apparel.yaml":  # the lesson's own net on its own data
+        assert len(lines) == 1 and "--model tutorial_apparel_cnn" in lines[0] and "--data fashion-mnist" in lines[0]
 
 
 def test_a_recipe_runs_its_steps_and_skips_what_is_done(image_folder, tmp_path, capsys, one_torch_thread):
