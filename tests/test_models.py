@@ -69,6 +69,11 @@ def test_the_tuning_lesson_net_and_its_widths():
 def test_tutorial_nets_follow_the_input_size():
     model = create_model("tutorial_cifar_cnn", num_classes=3, img_size=64)
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+    for size in (31, 48):  # the tuning net's stride-2 conv rounds odd sizes up
+        tuning = create_model("tutorial_tuning_cnn", num_classes=3, img_size=size, c1=4, c2=8, l1=16)
+        assert tuning(torch.randn(2, 3, size, size)).shape == (2, 3)
+    apparel = create_model("tutorial_apparel_cnn", num_classes=3, in_chans=1, img_size=56)
+    assert apparel(torch.randn(2, 1, 56, 56)).shape == (2, 3)
 
 
 def test_project_models_are_registered_with_timm():
