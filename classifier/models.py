@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import timm
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -136,6 +137,53 @@ class ConfigurableCNN(_Classifier):
 
     def forward(self, x):
         return self.fc(self.body(self.features(x)))
+
+
+class TutorialApparelCNN(_Classifier):
+    """The apparel (Fashion-MNIST) lesson's tiny net, exactly: two 3x3 convs of 4 filters, each with
+    BatchNorm, ReLU and a 2x2 max-pool, then one linear layer from 4*7*7 to the classes (2,174
+    parameters for 10 classes). Small on purpose: the lesson draws every one of its filters."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, img_size=28, width: int = 4):
+        super().__init__()
+        h, w = _pair(img_size)
+        self.num_classes, self.num_features = num_classes, width * (h // 4) * (w // 4)
+        self.features = nn.Sequential(
+            nn.Conv2d(in_chans, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(self.num_features, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.features(x)))
+
+
+class TutorialTuningCNN(_Classifier):
+    """The tuning lesson's net: four 3x3 conv+BatchNorm+ReLU layers (the last with stride 2, the
+    net's only downsampling), then BatchNorm1d over the flattened features, a hidden layer of l1
+    units and the head. c1, c2 and l1 are the widths the lesson tunes."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, img_size=32, c1: int = 48,
+                 c2: int = 96, l1: int = 256):
+        super().__init__()
+        h, w = _pair(img_size)
+        self.num_classes, self.num_features = num_classes, l1
+        self.features = nn.Sequential(
+            *_conv_bn_relu(in_chans, c1), *_conv_bn_relu(c1, c2),
+            *_conv_bn_relu(c2, c2), *_conv_bn_relu(c2, c2, stride=2),
+        )
+        # a 3x3 conv with padding 1 and stride 2 maps n pixels to ceil(n / 2)
+        flat = c2 * ((h + 1) // 2) * ((w + 1) // 2)
+        self.body = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(flat), nn.Linear(flat, l1), nn.ReLU())
+        self.fc = nn.Linear(l1, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.body(self.features(x)))
+
+
+def _conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,6 +347,8 @@ default_cfgs = generate_default_cfgs({
     "tutorial_tanh_cnn": _cfg(**_SMALL, fixed_input_size=True, num_classes=2),
     "tutorial_mlp": _cfg(**_SMALL, fixed_input_size=True, num_classes=2),
     "configurable_cnn": _cfg(**_SMALL, fixed_input_size=True),
+    "tutorial_apparel_cnn": _cfg((1, 28, 28), FASHION_MEAN, FASHION_STD, fixed_input_size=True),
+    "tutorial_tuning_cnn": _cfg(**_SMALL, fixed_input_size=True),
     "fast_cnn": _cfg(**_SMALL),
 })
 
@@ -333,12 +383,22 @@ def configurable_cnn(pretrained: bool = False, **kwargs) -> ConfigurableCNN:
 
 
 @register_model
+def tutorial_apparel_cnn(pretrained: bool = False, **kwargs) -> TutorialApparelCNN:
+    return _build(TutorialApparelCNN, "tutorial_apparel_cnn", pretrained, **kwargs)
+
+
+@register_model
+def tutorial_tuning_cnn(pretrained: bool = False, **kwargs) -> TutorialTuningCNN:
+    return _build(TutorialTuningCNN, "tutorial_tuning_cnn", pretrained, **kwargs)
+
+
+@register_model
 def fast_cnn(pretrained: bool = False, **kwargs) -> FastCNN:
     return _build(FastCNN, "fast_cnn", pretrained, **kwargs)
 
 
 PROJECT_MODELS = ("tutorial_fashion_cnn", "tutorial_cifar_cnn", "tutorial_tanh_cnn", "tutorial_mlp",
-                  "configurable_cnn", "fast_cnn")
+                  "configurable_cnn", "tutorial_apparel_cnn", "tutorial_tuning_cnn", "fast_cnn")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,6 +460,13 @@ def zero_head(model: nn.Module) -> None:
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def conv_filters(model: nn.Module) -> list[tuple[str, np.ndarray]]:
+    """(name, weight as a numpy array (out, in, kh, kw)) for every 2-D convolution of `model`, in
+    order: plain data for classifier.plots.plot_conv_filters, which draws without torch."""
+    return [(name, module.weight.detach().float().cpu().numpy()) for name, module in model.named_modules()
+            if isinstance(module, nn.Conv2d)]
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -137,3 +137,83 @@ def plot_predictions(rows: Sequence[tuple[str, Image.Image, dict[str, float]]], 
         ax_bars.set_xlabel("probability")
         ax_bars.spines[["top", "right"]].set_visible(False)
     return save_figure(fig, path, dpi=100)
+
+
+def _filter_mosaic(weight: np.ndarray, max_filters: int, max_inputs: int) -> np.ndarray:
+    """One conv layer's weights (out, in, kh, kw) as one image: a column per output filter, a row
+    per input channel (so a first layer's few inputs make a short, wide strip), with a one-pixel
+    NaN gap (drawn blank) between kernels. One imshow per layer keeps the figure cheap for layers
+    of thousands of kernels, where a subplot per kernel would not."""
+    w = weight[:max_filters, :max_inputs]
+    out, inputs, kh, kw = w.shape
+    mosaic = np.full((inputs * (kh + 1) - 1, out * (kw + 1) - 1), np.nan)
+    for o in range(out):
+        for i in range(inputs):
+            mosaic[i * (kh + 1):i * (kh + 1) + kh, o * (kw + 1):o * (kw + 1) + kw] = w[o, i]
+    return mosaic
+
+
+def plot_conv_filters(layers: Sequence[tuple[str, np.ndarray]], path: str | os.PathLike,
+                      max_filters: int = 32, max_inputs: int = 32) -> Path:
+    """The filters of every convolution layer, one panel per layer (not only the first layer's,
+    whose filters alone look at pixels). `layers`: (name, weight of shape (out, in, kh, kw)), e.g.
+    from classifier.models.conv_filters(model). Each panel has a column per output filter and a
+    row per input channel; the colour scale is symmetric about zero per layer, so red and blue
+    are a layer's positive and negative weights whatever their size. Large layers show their first
+    max_filters x max_inputs kernels."""
+    if not layers:
+        raise ValueError("no convolution layers to draw")
+    mosaics = [(name, np.asarray(w).shape, _filter_mosaic(np.asarray(w, dtype=np.float64), max_filters, max_inputs))
+               for name, w in layers]
+    fig, axes = plt.subplots(len(mosaics), 1, figsize=(8, sum(_panel_height(m) for _, _, m in mosaics)),
+                             squeeze=False)
+    for ax, (name, shape, mosaic) in zip(axes[:, 0], mosaics):
+        limit = float(np.nanmax(np.abs(mosaic))) or 1.0
+        image = ax.imshow(mosaic, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+        shown = "" if shape[0] <= max_filters and shape[1] <= max_inputs else \
+            f" (first {min(shape[0], max_filters)} x {min(shape[1], max_inputs)} shown)"
+        ax.set_title(f"{name}: {shape[0]} filters x {shape[1]} inputs, {shape[2]}x{shape[3]}{shown}", fontsize=9)
+        ax.set_xlabel("filter", fontsize=8)
+        ax.set_ylabel("input channel", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+    return save_figure(fig, path, dpi=110)
+
+
+def _panel_height(mosaic: np.ndarray) -> float:
+    # as tall as the mosaic's shape asks at the figure's 8-inch width, within what fits on a page
+    aspect = mosaic.shape[0] / max(1, mosaic.shape[1])
+    return min(8.0, max(1.6, 6.5 * aspect + 0.8))
+
+
+def plot_image_channels(image: Image.Image | np.ndarray, path: str | os.PathLike, values_up_to: int = 16) -> Path:
+    """An image's red, green and blue channels side by side, each a grid of its pixel values
+    (0-255): what a network's first layer actually receives. Values are written in the cells
+    when the image is at most `values_up_to` pixels a side (beyond that they would not be
+    legible; crop or resize first), otherwise a colour bar gives the scale."""
+    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"expected an RGB image of shape (H, W, 3), got {pixels.shape}")
+    h, w = pixels.shape[:2]
+    write_values = max(h, w) <= values_up_to
+    side = max(3.0, 0.42 * w) if write_values else 3.5
+    fig, axes = plt.subplots(1, 3, figsize=(3 * side + 1, side * h / w + 0.8))
+    for c, (ax, name, cmap) in enumerate(zip(axes, ("red", "green", "blue"), ("Reds", "Greens", "Blues"))):
+        channel = pixels[:, :, c]
+        shown = ax.imshow(channel, cmap=cmap, vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(f"{name} channel", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if write_values:
+            _write_values(ax, channel)
+        else:
+            fig.colorbar(shown, ax=ax, shrink=0.8)
+    return save_figure(fig, path, dpi=110)
+
+
+def _write_values(ax, channel: np.ndarray) -> None:
+    for (y, x), value in np.ndenumerate(channel):
+        # white text on the dark half of the colour map, black on the light half
+        ax.text(x, y, f"{int(value)}", ha="center", va="center", fontsize=7,
+                color="white" if value > 140 else "black")

