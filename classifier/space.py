@@ -31,7 +31,7 @@ from huggingface_hub import HfApi
 
 from classifier import app_logic
 from classifier.bundle import CARD_FILE, Bundle, load_bundle
-from classifier.errors import BundleError, HubError
+from classifier.errors import BundleError, HubError, UserError
 from classifier.hub import describe_failure, repo_url, upload_blocker, validate_repo_id
 from classifier.model_card import base_model_id
 from classifier.publish import accuracy_note, files_to_upload
@@ -93,22 +93,28 @@ def serving_requirements(requirements: Path = REPO_ROOT / REQUIREMENTS_FILE) -> 
     """requirements.txt of the Space: this repository's lines for SERVING_PACKAGES, pins and all."""
     wanted = {_canonical(name) for name in SERVING_PACKAGES}
     lines = [line.split("#")[0].strip() for line in requirements.read_text().splitlines()]
-    kept = [line for line in lines if line and _canonical(re.split(r"[<>=!~\[; ]", line)[0]) in wanted]
-    missing = wanted - {_canonical(re.split(r"[<>=!~\[; ]", line)[0]) for line in kept}
+    kept = [line for line in lines if line and _canonical(line) in wanted]
+    missing = wanted - {_canonical(line) for line in kept}
     if missing:  # a package the app imports must be pinned where the project pins everything
-        raise BundleError(f"{requirements} does not list {sorted(missing)}, which the app needs")
+        raise UserError(f"{requirements} does not list {sorted(missing)}, which the app needs")
     header = ["# Serving the demo app only (no training, search or plotting packages).",
               "# gradio is not here: the Space installs the sdk_version of README.md."]
     return "\n".join(header + kept) + "\n"
 
 
-def _canonical(name: str) -> str:
+def _canonical(requirement: str) -> str:
+    """The package a requirement line names, normalised as pip compares names (PEP 503)."""
+    name = re.split(r"[<>=!~\[;@ ]", requirement, maxsplit=1)[0]
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def space_card(space_id: str, loaded: dict[str, Bundle]) -> str:
     """README.md of the Space: the configuration the Hub reads from its front matter, and a line per model."""
-    import gradio  # the app's own: the Space runs the gradio it was tested with
+    try:
+        import gradio  # the app's own: the Space runs the gradio it was tested with
+    except ImportError:
+        raise UserError("deploying needs gradio installed here (its version becomes the Space's "
+                        "sdk_version): pip install -r requirements.txt") from None
 
     bases = sorted({base for b in loaded.values() if (base := base_model_id(b.config))})
     meta = {"title": space_id.split("/")[1], "sdk": "gradio", "sdk_version": gradio.__version__,

@@ -15,7 +15,7 @@ import yaml
 from classifier import app_logic, space
 from classifier.bundle import load_bundle
 from classifier.cli import deploy as deploy_cli
-from classifier.errors import BundleError, HubError
+from classifier.errors import BundleError, HubError, UserError
 from classifier.publish import files_to_upload
 from tests.test_hub import TOKEN, FakeHub, assert_token_nowhere, point_hub_client_at
 
@@ -111,6 +111,18 @@ def test_deploy_uploads_a_space_that_serves_the_bundles(fake_hub, bundles, tmp_p
     assert any(p.startswith("assets/models/shapes-b/") for p in remote)
 
 
+def test_serving_requirements_keep_the_repositorys_pins_of_what_the_app_imports(tmp_path):
+    lines = ["torch>=2.14  # a comment", "Pillow==12.3.0", "optuna>=4", "py_yaml>=6", "gradio>=6"]
+    others = [name for name in space.SERVING_PACKAGES if name not in ("torch", "pillow")]
+    (tmp_path / "requirements.txt").write_text("\n".join(lines + [f"{name}>=1" for name in others]) + "\n")
+    kept = space.serving_requirements(tmp_path / "requirements.txt").splitlines()
+    assert "torch>=2.14" in kept and "Pillow==12.3.0" in kept  # names compared as pip does
+    assert not any(line.startswith(("optuna", "py_yaml", "gradio")) for line in kept)
+    (tmp_path / "requirements.txt").write_text("torch>=2.14\n")
+    with pytest.raises(UserError, match="does not list .*'pandas'.* which the app needs"):
+        space.serving_requirements(tmp_path / "requirements.txt")
+
+
 def test_without_models_the_shipped_bundles_are_chosen():
     assert sorted(space.chosen_bundles(None)) == sorted(app_logic.find_bundles())
 
@@ -121,6 +133,11 @@ def test_deploy_failures_are_clear_and_never_show_the_token(monkeypatch, bundles
         space.chosen_bundles([bundles[0], namesake])
     with pytest.raises(BundleError, match="no such bundle folder"):
         space.chosen_bundles([tmp_path / "nothing"])
+    (tmp_path / "full" / "mine.txt").parent.mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("keep me")
+    with pytest.raises(BundleError, match="the staging folder must be empty"):
+        space.stage_space(bundles[:1], tmp_path / "full", "alice/shapes-demo")
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["mine.txt"]
     with pytest.raises(SystemExit):
         deploy_cli.main(["--space", "not-a-space-id", "--dry-run"])
     capsys.readouterr()
