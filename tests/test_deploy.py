@@ -4,7 +4,10 @@ serves those bundles. Nothing here touches the network."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import gradio
@@ -109,6 +112,27 @@ def test_deploy_uploads_a_space_that_serves_the_bundles(fake_hub, bundles, tmp_p
     remote = fake_hub.files_at("alice/shapes-demo")
     assert not any(p.startswith("assets/models/shapes-a/") for p in remote)
     assert any(p.startswith("assets/models/shapes-b/") for p in remote)
+
+
+# Run in the staged folder alone, as the Space runs it: its own app.py, classifier/ and assets/.
+SPACE_STARTS = """
+import app, classifier
+from classifier import app_logic
+assert classifier.__file__.startswith(sys.argv[1]), classifier.__file__
+app.build_app()  # loads the default model, as the Space does at start-up
+print(sorted(app_logic.model_choices()), len(app_logic.example_images()))
+"""
+
+
+def test_the_staged_space_starts_on_its_own_files(bundles, tmp_path):
+    staging = tmp_path / "staging"
+    space.stage_space(bundles, staging, "alice/shapes-demo")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", "import sys\n" + SPACE_STARTS, str(staging)], cwd=staging,
+                          capture_output=True, text=True, timeout=240,
+                          env={**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(staging)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == f"['shapes-a', 'shapes-b'] {len(app_logic.example_images())}"
 
 
 def test_serving_requirements_keep_the_repositorys_pins_of_what_the_app_imports(tmp_path):
