@@ -35,6 +35,7 @@ from classifier.errors import BundleError, HubError, UserError
 from classifier.hub import describe_failure, repo_url, upload_blocker, validate_repo_id
 from classifier.model_card import base_model_id
 from classifier.publish import accuracy_note, files_to_upload
+from classifier.run import RUN_BUNDLE_DIR
 
 REPO_ROOT = app_logic.REPO_ROOT
 APP_FILE = "app.py"
@@ -69,7 +70,7 @@ def model_name(bundle_dir: Path) -> str:
     """The bundle's folder name in the Space: its own, or its run's for a run's `bundle/` folder
     (runs/cifar-lite0/bundle -> cifar-lite0), since train writes every bundle as OUT/bundle."""
     path = bundle_dir.resolve()
-    return path.parent.name if path.name == "bundle" else path.name
+    return path.parent.name if path.name == RUN_BUNDLE_DIR else path.name
 
 
 def chosen_bundles(bundles: Sequence[str | os.PathLike] | None) -> dict[str, Bundle]:
