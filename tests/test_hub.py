@@ -2,7 +2,7 @@
 pulling back (also with HF_HUB_OFFLINE=1), loading with plain timm, and a token that never leaks.
 
 Nothing here touches the network. `FakeHub` is a small HTTP server on 127.0.0.1 answering the
-endpoints huggingface_hub's own client calls: create_repo (POST /api/repos/create), create_branch,
+endpoints huggingface_hub's own client calls (for models and Spaces): create_repo (POST /api/repos/create), create_branch,
 upload_folder (validate-yaml, tree, preupload, commit) and snapshot_download (revision, tree,
 resolve). It answers "regular" to every preupload, so each file travels base64-encoded inside the
 commit and the test sees exactly the bytes that would be published. (The real Hub moves large files
@@ -130,10 +130,11 @@ def _handler(fake: FakeHub):
                     return self.send(409, data={"error": "You already created this model repo",
                                                 "url": f"{fake.endpoint}/{repo_id}"})
                 fake.repos[repo_id] = {"private": request.get("visibility") == "private", "branches": {},
-                                       "snapshots": {}}
+                                       "snapshots": {}, "type": request.get("type", "model"),
+                                       "sdk": request.get("sdk")}
                 fake.commit(repo_id, "main", {".gitattributes": b"*.safetensors filter=lfs\n"}, "initial commit")
                 return self.send(200, data={"url": f"{fake.endpoint}/{repo_id}", "name": repo_id})
-            if parts[:2] == ["api", "models"] and len(parts) >= 5:
+            if parts[:2] in (["api", "models"], ["api", "spaces"]) and len(parts) >= 5:
                 return self.repo_api(f"{parts[2]}/{parts[3]}", parts[4], parts[5:], body)
             if len(parts) >= 5 and parts[2] == "resolve":
                 return self.resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]))

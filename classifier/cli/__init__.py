@@ -26,6 +26,8 @@ COMMANDS = {
     "report": ("report", "reports: a dataset's statistics, a model's layers, a bundle's predictions"),
     "push": ("push", "upload a bundle with its model card to the Hugging Face Hub"),
     "pull": ("pull", "download a bundle from the Hugging Face Hub and check that it loads"),
+    "export": ("export", "export a bundle to ONNX (model.onnx) and check it against torch"),
+    "deploy": ("deploy", "deploy the demo app with chosen bundles to a Hugging Face Space"),
 }
 
 
