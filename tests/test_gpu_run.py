@@ -126,6 +126,9 @@ def test_tables_of_a_gpu_run(tiny_run):
     d = json.loads(json.dumps(tiny_run["results"]))
     runs = [{"seed": s, "accuracy": a, "seconds": t} for s, a, t in ((0, 0.9398, 3.1), (1, 0.9404, 3.0))]
     d["airbench"].update(runs=runs, warmup_seconds=4.2, tta="flip-shift", airbench="0.1.8")
+    # The tiny data can be learnt perfectly in one epoch; the goal line is checked on a recipe below 94%.
+    for run in d["fast"]["runs"]:
+        run["accuracy"] = 0.9312
     d["lite"][0]["first_try"] = {"planned_epochs": 12, "stopped": "its first epoch (25.0 s) says 12 epochs do not fit",
                                  "seconds": 40.0, "epoch_seconds": [25.0]}
     markdown = gpu_run.render_markdown(d)
