@@ -135,9 +135,9 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
                     label = gr.Label(num_top_classes=TOP_K, label="Top classes")
                     timing = gr.Markdown()
             examples = logic.example_images(examples_dir)
-            if examples:
-                gr.Examples(examples, inputs=image, label="Examples (click one)", cache_examples=False,
-                            examples_per_page=len(examples))
+            example_gallery = gr.Examples(examples, inputs=image, label="Examples (click one)",
+                                          cache_examples=False,
+                                          examples_per_page=len(examples)) if examples else None
         with gr.Tab("Mistakes"):
             with gr.Row():
                 true_filter = gr.Dropdown(initial.true_filter.choices, value=logic.ALL, label="True class",
@@ -160,8 +160,15 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
                 curves = gr.Image(initial.curves, label="Training curves", interactive=False)
                 samples = gr.Image(initial.samples, label="Test images with predictions", interactive=False)
 
-        image.change(predict, [image, model], [label, timing], api_name="classify", preprocess=False,
-                     trigger_mode="always_last")
+        # One prediction per user action. Not image.change: it fires again when the front end swaps
+        # the uploaded file for its server copy, so every replaced image ran the model twice. `input`
+        # is the person's own upload, paste, photo or clear; an example click sets the image from the
+        # server, which is no input, so it gets its own prediction after the image is set.
+        image.input(predict, [image, model], [label, timing], api_name="classify", preprocess=False,
+                    trigger_mode="always_last")
+        if example_gallery is not None:
+            example_gallery.load_input_event.then(predict, [image, model], [label, timing],
+                                                  preprocess=False, api_visibility="private")
         switch = model.change(model_view, model, [classes_note, true_filter, predicted_filter, gallery,
                                                   mistakes_note, confusion, confusion_png, per_class, summary,
                                                   curves, samples], api_name="select_model")

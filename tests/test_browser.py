@@ -24,6 +24,7 @@ if CHROMIUM is None:
     pytest.skip("no Chromium installed (apt-get install -y chromium chromium-driver)", allow_module_level=True)
 
 import app as app_module  # noqa: E402
+from classifier import app_logic  # noqa: E402
 from classifier.predict import Predictor  # noqa: E402
 from test_app import free_port, renamed_bundle  # noqa: E402
 
@@ -74,6 +75,41 @@ def test_upload_shows_the_top_class(page, served, tmp_path):
     sync_api.expect(page.get_by_text("Predicted in")).to_be_visible()
     page.screenshot(path=str(tmp_path / "classify.png"), full_page=True)
     print(f"screenshot: {tmp_path / 'classify.png'}")
+
+
+def _counting_classify(monkeypatch) -> list[str]:
+    """Wraps the app's classify so a test can count the predictions the server really ran."""
+    calls: list[str] = []
+    original = app_logic.classify
+
+    def counting(predictor, image, *args, **kwargs):
+        calls.append(str(image))
+        return original(predictor, image, *args, **kwargs)
+
+    monkeypatch.setattr(app_logic, "classify", counting)
+    return calls
+
+
+def _wait_for(calls: list, count: int, page) -> None:
+    for _ in range(TIMEOUT_MS // 100):
+        if len(calls) >= count:
+            break
+        page.wait_for_timeout(100)
+    page.wait_for_timeout(1500)  # a second, duplicate prediction would have started by now
+    assert len(calls) == count, calls
+
+
+def test_each_upload_and_example_click_predicts_once(page, tmp_path, monkeypatch):
+    """Replacing an image used to run the model twice (the change event fired twice)."""
+    calls = _counting_classify(monkeypatch)
+    for n, kind in enumerate(["circle", "square", "triangle"], start=1):
+        image = tmp_path / f"{kind}.png"
+        draw_shape(kind, 96).save(image)
+        page.locator("input[type=file]").first.set_input_files(str(image))
+        _wait_for(calls, n, page)
+    page.locator(".gallery-item, button.gallery").first.click()  # the first example
+    _wait_for(calls, 4, page)
+    sync_api.expect(page.get_by_text("Predicted in")).to_be_visible()
 
 
 def test_clicking_a_confusion_cell_filters_the_gallery(page, tmp_path):
