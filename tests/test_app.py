@@ -88,9 +88,15 @@ def predictor(models_dir) -> Predictor:
     return Predictor(models_dir / "a-shapes")
 
 
+def classify_all(client, path, model="a-shapes") -> tuple[dict[str, float], str, str]:
+    """(probabilities, headline, timing) as the page shows them."""
+    label, headline, timing = client.predict(handle_file(str(path)), model, api_name="/classify")
+    return {c["label"]: c["confidence"] for c in label["confidences"]}, headline, timing
+
+
 def classify(client, path, model="a-shapes") -> tuple[dict[str, float], str]:
-    label, timing = client.predict(handle_file(str(path)), model, api_name="/classify")
-    return {c["label"]: c["confidence"] for c in label["confidences"]}, timing
+    probs, _, timing = classify_all(client, path, model)
+    return probs, timing
 
 
 def assert_still_serving(client, predictor, tmp_path) -> None:
@@ -115,6 +121,36 @@ def test_classifies_an_upload_exactly_as_the_predictor_does(client, predictor, t
     assert_same(probs, predictor.predict(path))  # calibrated, same preprocessing, nothing lost in transit
     assert abs(sum(probs.values()) - 1) < 1e-4
     assert re.search(r"\*\*\d+\.\d ms\*\*", timing)
+
+
+def test_headline_states_the_top_class_with_an_honest_number(client, predictor, tmp_path):
+    path = tmp_path / "square.png"
+    draw_shape("square", 64).save(path)
+    probs, headline, _ = classify_all(client, path)
+    assert headline == f"### {logic.headline(probs)}"
+    top = max(probs, key=probs.get)
+    assert top in headline and "100%" not in headline and not headline.endswith(" 0%")
+
+
+@pytest.mark.parametrize("p, text", [
+    (0.41, "41%"), (0.5, "50%"), (0.994, "99%"), (0.996, "99.6%"), (0.9996, ">99.9%"), (1.0, ">99.9%"),
+    (0.004, "0.4%"), (0.0004, "<0.1%"), (0.0, "<0.1%"), (0.0051, "1%")])
+def test_probabilities_never_claim_certainty(p, text):
+    assert logic.format_probability(p) == text
+
+
+def test_headline_says_when_the_model_is_not_sure():
+    unsure = {"airplane": 0.24, "bird": 0.41, "cat": 0.2, "dog": 0.15}
+    assert logic.headline(unsure) == "Not sure: bird 41% or airplane 24%"
+    assert logic.headline({"bird": 0.9996, "cat": 0.0004}) == "bird >99.9%"
+    assert logic.headline({"bird": logic.UNSURE_BELOW, "cat": 0.5}) == "bird 50%"  # at the threshold: sure
+    assert logic.headline({"bird": 0.3}) == "bird 30%"  # one class: no runner-up to name
+    assert logic.headline({}) == ""
+    assert logic.headline(unsure, unsure_below=0.4) == "bird 41%"
+
+
+def test_mistake_captions_never_say_100_percent():
+    assert logic.caption({"true": "cat", "predicted": "dog", "p_predicted": 0.9997}) == "cat -> dog (>99.9%)"
 
 
 def test_classifies_a_shipped_example(client, predictor):
@@ -260,7 +296,7 @@ def test_mistakes_filters_show_exactly_the_matching_pairs(client, true, predicte
     captions = _captions(gallery)
     assert len(captions) == expected
     for text in captions:
-        t, p = re.fullmatch(r"(\w+) -> (\w+) \(\d+%\)", text).groups()
+        t, p = re.fullmatch(r"(\w+) -> (\w+) \([<>]?[\d.]+%\)", text).groups()
         assert true in ("all", t) and predicted in ("all", p)
     assert f"**{expected}**" in note
 

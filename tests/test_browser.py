@@ -70,8 +70,8 @@ def test_upload_shows_the_top_class(page, served, tmp_path):
     draw_shape("triangle", 96).save(image)
     expected = next(iter(Predictor(served[1] / "shapes").predict(image)))
     page.locator("input[type=file]").first.set_input_files(str(image))
-    top = page.locator(".output-class").first
-    sync_api.expect(top).to_have_text(expected, timeout=TIMEOUT_MS)
+    top = page.locator("#headline")
+    sync_api.expect(top).to_have_text(re.compile(rf"^\s*(Not sure: )?{expected} [<>]?[\d.]+%"), timeout=TIMEOUT_MS)
     sync_api.expect(page.get_by_text("Predicted in")).to_be_visible()
     page.screenshot(path=str(tmp_path / "classify.png"), full_page=True)
     print(f"screenshot: {tmp_path / 'classify.png'}")
@@ -135,8 +135,9 @@ def test_switching_model_reclassifies_the_image(page, served):
     page.get_by_role("tab", name="Classify").click()
     choose_model(page, "original")
     # The uploaded triangle, now under the original class names, without uploading it again.
-    top = page.locator(".output-class").first
-    sync_api.expect(top).to_have_text(re.compile("^(circle|square|triangle)$"), timeout=TIMEOUT_MS)
+    top = page.locator("#headline")
+    original_names = re.compile(r"^\s*(Not sure: )?(circle|square|triangle) [<>]?[\d.]+%")
+    sync_api.expect(top).to_have_text(original_names, timeout=TIMEOUT_MS)
     sync_api.expect(page.get_by_text("The model tells apart: circle, square, triangle.")).to_be_visible()
 
 
