@@ -136,7 +136,7 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
                     # own heading would repeat the top class as if it were certain.
                     headline = gr.Markdown(elem_id="headline")
                     label = gr.Label(num_top_classes=TOP_K, label="Top classes", show_heading=False)
-                    timing = gr.Markdown()
+                    timing = gr.Markdown(elem_id="timing")
             examples = logic.example_images(examples_dir)
             example_gallery = gr.Examples(examples, inputs=image, label="Examples (click one)",
                                           cache_examples=False,
@@ -163,23 +163,29 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
                 curves = gr.Image(initial.curves, label="Training curves", interactive=False)
                 samples = gr.Image(initial.samples, label="Test images with predictions", interactive=False)
 
+        result = [label, headline, timing]
+
+        def clear_on_failure(event):
+            # A failed prediction (a bad upload) shows only its error: the previous image's result
+            # and timing left beside it would read as the answer for the new file.
+            event.failure(lambda: (None, "", ""), None, result, api_visibility="private")
+
         # One prediction per user action. Not image.change: it fires again when the front end swaps
         # the uploaded file for its server copy, so every replaced image ran the model twice. `input`
         # is the person's own upload, paste, photo or clear; an example click sets the image from the
         # server, which is no input, so it gets its own prediction after the image is set.
-        result = [label, headline, timing]
-        image.input(predict, [image, model], result, api_name="classify", preprocess=False,
-                    trigger_mode="always_last")
+        clear_on_failure(image.input(predict, [image, model], result, api_name="classify",
+                                     preprocess=False, trigger_mode="always_last"))
         if example_gallery is not None:
-            example_gallery.load_input_event.then(predict, [image, model], result,
-                                                  preprocess=False, api_visibility="private")
+            clear_on_failure(example_gallery.load_input_event.then(
+                predict, [image, model], result, preprocess=False, api_visibility="private"))
         switch = model.change(model_view, model, [classes_note, true_filter, predicted_filter, gallery,
                                                   mistakes_note, confusion, confusion_png, per_class, summary,
                                                   curves, samples], api_name="select_model")
         # A model that will not load leaves its error on screen and the dropdown back on the model
         # the page still shows, so the two never disagree; a good one re-classifies the image.
-        switch.success(lambda name: name, model, shown_model, api_visibility="private").then(
-            predict, [image, model], result, preprocess=False, api_visibility="private")
+        clear_on_failure(switch.success(lambda name: name, model, shown_model, api_visibility="private").then(
+            predict, [image, model], result, preprocess=False, api_visibility="private"))
         switch.failure(lambda previous: previous, shown_model, model, api_visibility="private")
         gr.on([true_filter.input, predicted_filter.input], show_mistakes,
               [model, true_filter, predicted_filter], [gallery, mistakes_note], api_name="mistakes",

@@ -33,6 +33,10 @@ EXAMPLES_DIR = REPO_ROOT / "assets" / "examples"
 # Any other folder in assets/models comes after these, in name order.
 PREFERRED_MODELS = ("cifar10-efficientnet-lite0", "cifar10-cnn")
 ALL = "all"
+# Format names for the extensions the library reads, for telling a person what to upload instead.
+_FORMAT_NAMES = {".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WebP"}
+_FORMATS = sorted({_FORMAT_NAMES.get(ext, ext.lstrip(".").upper()) for ext in IMAGE_EXTENSIONS})
+READABLE_FORMATS = ", ".join(_FORMATS[:-1]) + " or " + _FORMATS[-1]  # "BMP, GIF, ... or WebP"
 # Below this top probability the headline says the model is not sure and names the runner-up:
 # under even odds the top class is more likely wrong than right.
 UNSURE_BELOW = 0.5
@@ -178,9 +182,16 @@ def classify(predictor: Predictor, image: ImageSource, top_k: int | None = None)
         probabilities = predictor.predict(image, top_k=top_k)
     except ImageError as exc:
         if isinstance(image, (str, os.PathLike)):
-            raise ImageError(str(exc).replace(str(image), Path(image).name)) from exc
+            raise ImageError(upload_error(Path(image).name, exc)) from exc
         raise
     return Prediction(probabilities, time.perf_counter() - start)
+
+
+def upload_error(name: str, error: ImageError) -> str:
+    """One sentence for the person who uploaded `name`: what is wrong in plain words (not Pillow's
+    jargon, which classifier.images keeps apart as detail) and which formats do work."""
+    problem = getattr(error, "problem", None) or "cannot be read as an image"
+    return f"{name} {problem}. Upload a {READABLE_FORMATS} image instead."
 
 
 def example_images(folder: str | os.PathLike = EXAMPLES_DIR) -> list[str]:

@@ -181,6 +181,7 @@ BAD_INPUTS = {
     "truncated.png": (lambda: _truncated("PNG"), "damaged or truncated"),
     "truncated.jpg": (lambda: _truncated("JPEG"), "damaged or truncated"),
     "bomb.png": (_bomb_png, "too large to decode safely"),
+    "random.jpg": (lambda: np.random.default_rng(7).bytes(4096), "not an image file"),
 }
 
 
@@ -193,8 +194,19 @@ def test_bad_input_gets_a_readable_error_and_the_app_keeps_serving(client, predi
         classify(client, path)
     text = str(error.value)
     assert message in text and name in text
+    assert f"Upload a {logic.READABLE_FORMATS} image" in text and "JPEG" in text
+    assert "Pillow" not in text and "PIL" not in text  # plain words, not the decoder's
     assert str(tmp_path) not in text and "/gradio" not in text  # the user's file name, not server paths
     assert_still_serving(client, predictor, tmp_path)
+
+
+def test_upload_error_is_one_plain_sentence_with_the_formats_that_work():
+    error = logic.ImageError("/tmp/gradio/abc/photo.heic is damaged or truncated (broken data stream)")
+    error.problem = "is damaged or truncated"
+    assert logic.upload_error("photo.heic", error) == (
+        "photo.heic is damaged or truncated. Upload a BMP, GIF, JPEG, PNG, TIFF or WebP image instead.")
+    # An ImageError without a plain problem still names the file, never the raw message.
+    assert logic.upload_error("x.jpg", logic.ImageError("PIL says no")).startswith("x.jpg cannot be read")
 
 
 def test_oversized_upload_is_refused(client, predictor, tmp_path):

@@ -112,6 +112,27 @@ def test_each_upload_and_example_click_predicts_once(page, tmp_path, monkeypatch
     sync_api.expect(page.get_by_text("Predicted in")).to_be_visible()
 
 
+def test_a_hostile_upload_shows_one_plain_error_and_clears_the_last_result(page, tmp_path):
+    good, bad = tmp_path / "good.png", tmp_path / "holiday.jpg"
+    draw_shape("square", 96).save(good)
+    bad.write_bytes(os.urandom(4096))  # random bytes under an image's name
+    files = page.locator("input[type=file]").first
+    files.set_input_files(str(good))
+    sync_api.expect(page.get_by_text("Predicted in")).to_be_visible()
+    files.set_input_files(str(bad))
+    error = page.get_by_text("holiday.jpg is not an image file")
+    sync_api.expect(error).to_have_count(1)
+    text = error.inner_text()
+    assert "BMP, GIF, JPEG, PNG, TIFF or WebP" in text and "Pillow" not in text and "/tmp" not in text
+    # The square's answer and timing are gone: nothing on the page claims to describe the bad file.
+    sync_api.expect(page.locator("#headline")).to_have_text(re.compile(r"^\s*$"))
+    sync_api.expect(page.get_by_text("Predicted in")).to_have_count(0)
+    page.screenshot(path=str(tmp_path / "bad-upload.png"), full_page=True)
+    print(f"screenshot: {tmp_path / 'bad-upload.png'}")
+    files.set_input_files(str(good))  # and a good image after it is classified again
+    sync_api.expect(page.get_by_text("Predicted in")).to_be_visible()
+
+
 def test_clicking_a_confusion_cell_filters_the_gallery(page, tmp_path):
     page.get_by_role("tab", name="Mistakes").click()
     captions = page.locator("#mistakes-gallery .caption-label")
