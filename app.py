@@ -92,7 +92,7 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
         checked that it is an upload) leaves every check, and the EXIF rotation, to
         classifier.images, the one place where untrusted images are opened."""
         if upload is None:  # the image was cleared
-            return None, ""
+            return None, "", ""
         if not upload.get("path"):
             raise gr.Error("no image file arrived; upload it again", title="Cannot classify this file",
                            print_exception=False)
@@ -102,7 +102,7 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
             raise _user_error(exc, "Cannot classify this file") from exc
         except (BundleError, HubError) as exc:
             raise _user_error(exc, "Cannot load this model") from exc
-        return prediction.probabilities, prediction.timing()
+        return prediction.probabilities, f"### {prediction.headline()}", prediction.timing()
 
     def show_mistakes(name: str, true: str, predicted: str):
         # Runs with preprocess=False: the filters' choices change with the model, and an API client
@@ -132,12 +132,15 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
                     image = gr.Image(sources=["upload", "clipboard", "webcam"], type="filepath",
                                      image_mode=None, label="Image", height=360)
                 with gr.Column():
-                    label = gr.Label(num_top_classes=TOP_K, label="Top classes")
-                    timing = gr.Markdown()
+                    # The headline carries the honest numbers (">99.9%", "Not sure: ..."); the Label's
+                    # own heading would repeat the top class as if it were certain.
+                    headline = gr.Markdown(elem_id="headline")
+                    label = gr.Label(num_top_classes=TOP_K, label="Top classes", show_heading=False)
+                    timing = gr.Markdown(elem_id="timing")
             examples = logic.example_images(examples_dir)
-            if examples:
-                gr.Examples(examples, inputs=image, label="Examples (click one)", cache_examples=False,
-                            examples_per_page=len(examples))
+            example_gallery = gr.Examples(examples, inputs=image, label="Examples (click one)",
+                                          cache_examples=False,
+                                          examples_per_page=len(examples)) if examples else None
         with gr.Tab("Mistakes"):
             with gr.Row():
                 true_filter = gr.Dropdown(initial.true_filter.choices, value=logic.ALL, label="True class",
@@ -160,15 +163,29 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
                 curves = gr.Image(initial.curves, label="Training curves", interactive=False)
                 samples = gr.Image(initial.samples, label="Test images with predictions", interactive=False)
 
-        image.change(predict, [image, model], [label, timing], api_name="classify", preprocess=False,
-                     trigger_mode="always_last")
+        result = [label, headline, timing]
+
+        def clear_on_failure(event):
+            # A failed prediction (a bad upload) shows only its error: the previous image's result
+            # and timing left beside it would read as the answer for the new file.
+            event.failure(lambda: (None, "", ""), None, result, api_visibility="private")
+
+        # One prediction per user action. Not image.change: it fires again when the front end swaps
+        # the uploaded file for its server copy, so every replaced image ran the model twice. `input`
+        # is the person's own upload, paste, photo or clear; an example click sets the image from the
+        # server, which is no input, so it gets its own prediction after the image is set.
+        clear_on_failure(image.input(predict, [image, model], result, api_name="classify",
+                                     preprocess=False, trigger_mode="always_last"))
+        if example_gallery is not None:
+            clear_on_failure(example_gallery.load_input_event.then(
+                predict, [image, model], result, preprocess=False, api_visibility="private"))
         switch = model.change(model_view, model, [classes_note, true_filter, predicted_filter, gallery,
                                                   mistakes_note, confusion, confusion_png, per_class, summary,
                                                   curves, samples], api_name="select_model")
         # A model that will not load leaves its error on screen and the dropdown back on the model
         # the page still shows, so the two never disagree; a good one re-classifies the image.
-        switch.success(lambda name: name, model, shown_model, api_visibility="private").then(
-            predict, [image, model], [label, timing], preprocess=False, api_visibility="private")
+        clear_on_failure(switch.success(lambda name: name, model, shown_model, api_visibility="private").then(
+            predict, [image, model], result, preprocess=False, api_visibility="private"))
         switch.failure(lambda previous: previous, shown_model, model, api_visibility="private")
         gr.on([true_filter.input, predicted_filter.input], show_mistakes,
               [model, true_filter, predicted_filter], [gallery, mistakes_note], api_name="mistakes",

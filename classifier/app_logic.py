@@ -33,6 +33,13 @@ EXAMPLES_DIR = REPO_ROOT / "assets" / "examples"
 # Any other folder in assets/models comes after these, in name order.
 PREFERRED_MODELS = ("cifar10-efficientnet-lite0", "cifar10-cnn")
 ALL = "all"
+# Format names for the extensions the library reads, for telling a person what to upload instead.
+_FORMAT_NAMES = {".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WebP"}
+_FORMATS = sorted({_FORMAT_NAMES.get(ext, ext.lstrip(".").upper()) for ext in IMAGE_EXTENSIONS})
+READABLE_FORMATS = ", ".join(_FORMATS[:-1]) + " or " + _FORMATS[-1]  # "BMP, GIF, ... or WebP"
+# Below this top probability the headline says the model is not sure and names the runner-up:
+# under even odds the top class is more likely wrong than right.
+UNSURE_BELOW = 0.5
 # Example images are shown in the browser, which cannot show TIFF: the library's formats less those.
 IMAGE_SUFFIXES = tuple(sorted(IMAGE_EXTENSIONS - {".tif", ".tiff"}))
 
@@ -132,10 +139,36 @@ class ModelStore:
 # Classify
 
 
+def format_probability(p: float) -> str:
+    """A probability as a percentage that never claims more certainty than there is: whole
+    percents, one decimal where rounding would say 0% or 100%, and "<0.1%" or ">99.9%" beyond."""
+    for digits in (0, 1):
+        text = f"{p:.{digits}%}"
+        if float(text[:-1]) not in (0.0, 100.0):
+            return text
+    return ">99.9%" if p > 0.5 else "<0.1%"
+
+
+def headline(probabilities: dict[str, float], unsure_below: float = UNSURE_BELOW) -> str:
+    """The top class and its probability; when that is below `unsure_below`, says so and names
+    the runner-up too, so a coin toss is not read as an answer."""
+    ranked = sorted(probabilities.items(), key=lambda item: item[1], reverse=True)
+    if not ranked:
+        return ""
+    (top, p), rest = ranked[0], ranked[1:]
+    if p >= unsure_below or not rest:
+        return f"{top} {format_probability(p)}"
+    second, q = rest[0]
+    return f"Not sure: {top} {format_probability(p)} or {second} {format_probability(q)}"
+
+
 @dataclass
 class Prediction:
     probabilities: dict[str, float]
     seconds: float
+
+    def headline(self) -> str:
+        return headline(self.probabilities)
 
     def timing(self) -> str:
         return f"Predicted in **{self.seconds * 1000:.1f} ms** (decode, resize and model, on the CPU)"
@@ -149,9 +182,16 @@ def classify(predictor: Predictor, image: ImageSource, top_k: int | None = None)
         probabilities = predictor.predict(image, top_k=top_k)
     except ImageError as exc:
         if isinstance(image, (str, os.PathLike)):
-            raise ImageError(str(exc).replace(str(image), Path(image).name)) from exc
+            raise ImageError(upload_error(Path(image).name, exc)) from exc
         raise
     return Prediction(probabilities, time.perf_counter() - start)
+
+
+def upload_error(name: str, error: ImageError) -> str:
+    """One sentence for the person who uploaded `name`: what is wrong in plain words (not Pillow's
+    jargon, which classifier.images keeps apart as detail) and which formats do work."""
+    problem = getattr(error, "problem", None) or "cannot be read as an image"
+    return f"{name} {problem}. Upload a {READABLE_FORMATS} image instead."
 
 
 def example_images(folder: str | os.PathLike = EXAMPLES_DIR) -> list[str]:
@@ -248,7 +288,7 @@ class EvalReport:
 
 
 def caption(mistake: dict) -> str:
-    return f"{mistake['true']} -> {mistake['predicted']} ({mistake['p_predicted']:.0%})"
+    return f"{mistake['true']} -> {mistake['predicted']} ({format_probability(mistake['p_predicted'])})"
 
 
 def servable_dirs(bundle_dir: str | os.PathLike) -> list[Path]:

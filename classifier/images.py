@@ -32,6 +32,14 @@ def _describe(source) -> str:
     return "the image"
 
 
+def _error(source, problem: str, detail: str = "") -> ImageError:
+    """An ImageError whose `problem` is plain words a person can act on ("is empty (0 bytes)"),
+    kept apart from Pillow's own `detail`, which helps a log but means nothing to an uploader."""
+    error = ImageError(f"{_describe(source)} {problem}" + (f" ({detail})" if detail else ""))
+    error.problem = problem
+    return error
+
+
 def _open(source: ImageSource) -> Image.Image:
     if isinstance(source, Image.Image):
         return source
@@ -42,9 +50,9 @@ def _open(source: ImageSource) -> Image.Image:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
-            raise ImageError(f"{path}: no such file")
+            raise _error(path, "was not found (no such file)")
         if path.stat().st_size == 0:
-            raise ImageError(f"{path}: the file is empty (0 bytes)")
+            raise _error(path, "is empty (0 bytes)")
     previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
@@ -54,15 +62,13 @@ def _open(source: ImageSource) -> Image.Image:
             image = Image.open(source)
             image.load()  # decode now, so truncation shows up here and not deep in a transform
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(
-            f"{_describe(source)} is too large to decode safely "
-            f"(more than {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels)"
-        ) from exc
+        raise _error(source, f"is too large to decode safely (more than {MAX_IMAGE_PIXELS / 1e6:.0f} "
+                             "megapixels)") from exc
     except UnidentifiedImageError as exc:
-        raise ImageError(f"{_describe(source)} is not an image file Pillow can read") from exc
+        raise _error(source, "is not an image file in a format that can be read") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         # OSError: truncated or corrupt data; SyntaxError/ValueError: malformed headers.
-        raise ImageError(f"{_describe(source)} is damaged or truncated ({exc})") from exc
+        raise _error(source, "is damaged or truncated", str(exc)) from exc
     finally:
         Image.MAX_IMAGE_PIXELS = previous
     return image

@@ -88,9 +88,15 @@ def predictor(models_dir) -> Predictor:
     return Predictor(models_dir / "a-shapes")
 
 
+def classify_all(client, path, model="a-shapes") -> tuple[dict[str, float], str, str]:
+    """(probabilities, headline, timing) as the page shows them."""
+    label, headline, timing = client.predict(handle_file(str(path)), model, api_name="/classify")
+    return {c["label"]: c["confidence"] for c in label["confidences"]}, headline, timing
+
+
 def classify(client, path, model="a-shapes") -> tuple[dict[str, float], str]:
-    label, timing = client.predict(handle_file(str(path)), model, api_name="/classify")
-    return {c["label"]: c["confidence"] for c in label["confidences"]}, timing
+    probs, _, timing = classify_all(client, path, model)
+    return probs, timing
 
 
 def assert_still_serving(client, predictor, tmp_path) -> None:
@@ -115,6 +121,36 @@ def test_classifies_an_upload_exactly_as_the_predictor_does(client, predictor, t
     assert_same(probs, predictor.predict(path))  # calibrated, same preprocessing, nothing lost in transit
     assert abs(sum(probs.values()) - 1) < 1e-4
     assert re.search(r"\*\*\d+\.\d ms\*\*", timing)
+
+
+def test_headline_states_the_top_class_with_an_honest_number(client, predictor, tmp_path):
+    path = tmp_path / "square.png"
+    draw_shape("square", 64).save(path)
+    probs, headline, _ = classify_all(client, path)
+    assert headline == f"### {logic.headline(probs)}"
+    top = max(probs, key=probs.get)
+    assert top in headline and "100%" not in headline and not headline.endswith(" 0%")
+
+
+@pytest.mark.parametrize("p, text", [
+    (0.41, "41%"), (0.5, "50%"), (0.994, "99%"), (0.996, "99.6%"), (0.9996, ">99.9%"), (1.0, ">99.9%"),
+    (0.004, "0.4%"), (0.0004, "<0.1%"), (0.0, "<0.1%"), (0.0051, "1%")])
+def test_probabilities_never_claim_certainty(p, text):
+    assert logic.format_probability(p) == text
+
+
+def test_headline_says_when_the_model_is_not_sure():
+    unsure = {"airplane": 0.24, "bird": 0.41, "cat": 0.2, "dog": 0.15}
+    assert logic.headline(unsure) == "Not sure: bird 41% or airplane 24%"
+    assert logic.headline({"bird": 0.9996, "cat": 0.0004}) == "bird >99.9%"
+    assert logic.headline({"bird": logic.UNSURE_BELOW, "cat": 0.5}) == "bird 50%"  # at the threshold: sure
+    assert logic.headline({"bird": 0.3}) == "bird 30%"  # one class: no runner-up to name
+    assert logic.headline({}) == ""
+    assert logic.headline(unsure, unsure_below=0.4) == "bird 41%"
+
+
+def test_mistake_captions_never_say_100_percent():
+    assert logic.caption({"true": "cat", "predicted": "dog", "p_predicted": 0.9997}) == "cat -> dog (>99.9%)"
 
 
 def test_classifies_a_shipped_example(client, predictor):
@@ -145,6 +181,7 @@ BAD_INPUTS = {
     "truncated.png": (lambda: _truncated("PNG"), "damaged or truncated"),
     "truncated.jpg": (lambda: _truncated("JPEG"), "damaged or truncated"),
     "bomb.png": (_bomb_png, "too large to decode safely"),
+    "random.jpg": (lambda: np.random.default_rng(7).bytes(4096), "not an image file"),
 }
 
 
@@ -157,8 +194,19 @@ def test_bad_input_gets_a_readable_error_and_the_app_keeps_serving(client, predi
         classify(client, path)
     text = str(error.value)
     assert message in text and name in text
+    assert f"Upload a {logic.READABLE_FORMATS} image" in text and "JPEG" in text
+    assert "Pillow" not in text and "PIL" not in text  # plain words, not the decoder's
     assert str(tmp_path) not in text and "/gradio" not in text  # the user's file name, not server paths
     assert_still_serving(client, predictor, tmp_path)
+
+
+def test_upload_error_is_one_plain_sentence_with_the_formats_that_work():
+    error = logic.ImageError("/tmp/gradio/abc/photo.heic is damaged or truncated (broken data stream)")
+    error.problem = "is damaged or truncated"
+    assert logic.upload_error("photo.heic", error) == (
+        "photo.heic is damaged or truncated. Upload a BMP, GIF, JPEG, PNG, TIFF or WebP image instead.")
+    # An ImageError without a plain problem still names the file, never the raw message.
+    assert logic.upload_error("x.jpg", logic.ImageError("PIL says no")).startswith("x.jpg cannot be read")
 
 
 def test_oversized_upload_is_refused(client, predictor, tmp_path):
@@ -260,7 +308,7 @@ def test_mistakes_filters_show_exactly_the_matching_pairs(client, true, predicte
     captions = _captions(gallery)
     assert len(captions) == expected
     for text in captions:
-        t, p = re.fullmatch(r"(\w+) -> (\w+) \(\d+%\)", text).groups()
+        t, p = re.fullmatch(r"(\w+) -> (\w+) \([<>]?[\d.]+%\)", text).groups()
         assert true in ("all", t) and predicted in ("all", p)
     assert f"**{expected}**" in note
 

@@ -24,6 +24,7 @@ if CHROMIUM is None:
     pytest.skip("no Chromium installed (apt-get install -y chromium chromium-driver)", allow_module_level=True)
 
 import app as app_module  # noqa: E402
+from classifier import app_logic  # noqa: E402
 from classifier.predict import Predictor  # noqa: E402
 from test_app import free_port, renamed_bundle  # noqa: E402
 
@@ -69,11 +70,67 @@ def test_upload_shows_the_top_class(page, served, tmp_path):
     draw_shape("triangle", 96).save(image)
     expected = next(iter(Predictor(served[1] / "shapes").predict(image)))
     page.locator("input[type=file]").first.set_input_files(str(image))
-    top = page.locator(".output-class").first
-    sync_api.expect(top).to_have_text(expected, timeout=TIMEOUT_MS)
+    top = page.locator("#headline")
+    sync_api.expect(top).to_have_text(re.compile(rf"^\s*(Not sure: )?{expected} [<>]?[\d.]+%"), timeout=TIMEOUT_MS)
     sync_api.expect(page.get_by_text("Predicted in")).to_be_visible()
     page.screenshot(path=str(tmp_path / "classify.png"), full_page=True)
     print(f"screenshot: {tmp_path / 'classify.png'}")
+
+
+def _counting_classify(monkeypatch) -> list[str]:
+    """Wraps the app's classify so a test can count the predictions the server really ran."""
+    calls: list[str] = []
+    original = app_logic.classify
+
+    def counting(predictor, image, *args, **kwargs):
+        calls.append(str(image))
+        return original(predictor, image, *args, **kwargs)
+
+    monkeypatch.setattr(app_logic, "classify", counting)
+    return calls
+
+
+def _wait_for(calls: list, count: int, page) -> None:
+    for _ in range(TIMEOUT_MS // 100):
+        if len(calls) >= count:
+            break
+        page.wait_for_timeout(100)
+    page.wait_for_timeout(1500)  # a second, duplicate prediction would have started by now
+    assert len(calls) == count, calls
+
+
+def test_each_upload_and_example_click_predicts_once(page, tmp_path, monkeypatch):
+    """Replacing an image used to run the model twice (the change event fired twice)."""
+    calls = _counting_classify(monkeypatch)
+    for n, kind in enumerate(["circle", "square", "triangle"], start=1):
+        image = tmp_path / f"{kind}.png"
+        draw_shape(kind, 96).save(image)
+        page.locator("input[type=file]").first.set_input_files(str(image))
+        _wait_for(calls, n, page)
+    page.locator(".gallery-item, button.gallery").first.click()  # the first example
+    _wait_for(calls, 4, page)
+    sync_api.expect(page.get_by_text("Predicted in")).to_be_visible()
+
+
+def test_a_hostile_upload_shows_one_plain_error_and_clears_the_last_result(page, tmp_path):
+    good, bad = tmp_path / "good.png", tmp_path / "holiday.jpg"
+    draw_shape("square", 96).save(good)
+    bad.write_bytes(os.urandom(4096))  # random bytes under an image's name
+    files = page.locator("input[type=file]").first
+    files.set_input_files(str(good))
+    sync_api.expect(page.get_by_text("Predicted in")).to_be_visible()
+    files.set_input_files(str(bad))
+    error = page.get_by_text("holiday.jpg is not an image file")
+    sync_api.expect(error).to_have_count(1)
+    text = error.inner_text()
+    assert "BMP, GIF, JPEG, PNG, TIFF or WebP" in text and "Pillow" not in text and "/tmp" not in text
+    # The square's answer and timing are gone: nothing on the page claims to describe the bad file.
+    sync_api.expect(page.locator("#headline")).to_have_text(re.compile(r"^\s*$"))
+    sync_api.expect(page.get_by_text("Predicted in")).to_have_count(0)
+    page.screenshot(path=str(tmp_path / "bad-upload.png"), full_page=True)
+    print(f"screenshot: {tmp_path / 'bad-upload.png'}")
+    files.set_input_files(str(good))  # and a good image after it is classified again
+    sync_api.expect(page.get_by_text("Predicted in")).to_be_visible()
 
 
 def test_clicking_a_confusion_cell_filters_the_gallery(page, tmp_path):
@@ -99,8 +156,9 @@ def test_switching_model_reclassifies_the_image(page, served):
     page.get_by_role("tab", name="Classify").click()
     choose_model(page, "original")
     # The uploaded triangle, now under the original class names, without uploading it again.
-    top = page.locator(".output-class").first
-    sync_api.expect(top).to_have_text(re.compile("^(circle|square|triangle)$"), timeout=TIMEOUT_MS)
+    top = page.locator("#headline")
+    original_names = re.compile(r"^\s*(Not sure: )?(circle|square|triangle) [<>]?[\d.]+%")
+    sync_api.expect(top).to_have_text(original_names, timeout=TIMEOUT_MS)
     sync_api.expect(page.get_by_text("The model tells apart: circle, square, triangle.")).to_be_visible()
 
 
