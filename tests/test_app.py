@@ -143,7 +143,8 @@ def test_headline_says_when_the_model_is_not_sure():
     unsure = {"airplane": 0.24, "bird": 0.41, "cat": 0.2, "dog": 0.15}
     assert logic.headline(unsure) == "Not sure: bird 41% or airplane 24%"
     assert logic.headline({"bird": 0.9996, "cat": 0.0004}) == "bird >99.9%"
-    assert logic.headline({"bird": logic.UNSURE_BELOW, "cat": 0.5}) == "bird 50%"  # at the threshold: sure
+    assert logic.headline({"bird": logic.UNSURE_BELOW, "cat": 0.1}) == "bird 74%"  # at the threshold: sure
+    assert logic.headline({"bird": 0.7, "cat": 0.2}).startswith("Not sure: bird 70%")  # a 70% guess is not sure
     assert logic.headline({"bird": 0.3}) == "bird 30%"  # one class: no runner-up to name
     assert logic.headline({}) == ""
     assert logic.headline(unsure, unsure_below=0.4) == "bird 41%"
