@@ -67,3 +67,9 @@ def test_the_recipe_loader_checks_the_lesson_field(tmp_path, capsys, text, messa
     file.write_text(text)
     assert recipe.main([str(file), "--dry-run"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_without_the_recipes_folder_it_says_where_it_looked(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tutorial, "RECIPES_DIR", tmp_path)
+    assert tutorial.main([]) == 2
+    assert f"no tutorial-*.yaml in {tmp_path}" in capsys.readouterr().err

@@ -28,8 +28,9 @@ RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 PREFIX = "tutorial-"
 
 
-def lessons(folder: Path = RECIPES_DIR) -> dict[str, Path]:
+def lessons(folder: Path | None = None) -> dict[str, Path]:
     """lesson name -> its recipe file, in name order."""
+    folder = RECIPES_DIR if folder is None else folder
     return {path.stem[len(PREFIX):]: path for path in sorted(folder.glob(f"{PREFIX}*.yaml"))}
 
 
@@ -78,6 +79,8 @@ def measured(planned: list[tuple[str, dict, list[str]]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     table = lessons()
+    if not table:  # an installed wheel carries the library, not the recipes
+        return report(ConfigError(f"no lessons: no {PREFIX}*.yaml in {RECIPES_DIR} (run from a checkout of the project)"))
     if args.name is None:
         print("Lessons (python -m classifier tutorial NAME):\n" + listing(table))
         return 0
