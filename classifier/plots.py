@@ -217,3 +217,58 @@ def _write_values(ax, channel: np.ndarray) -> None:
         # white text on the dark half of the colour map, black on the light half
         ax.text(x, y, f"{int(value)}", ha="center", va="center", fontsize=7,
                 color="white" if value > 140 else "black")
+
+
+# Sobel's kernel for vertical edges: it answers where brightness changes from left to right (the
+# difference of the right and left columns, the middle row weighted twice), and is 0 on flat areas.
+SOBEL_VERTICAL = np.array([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+
+
+def edge_response(image: Image.Image | np.ndarray, kernel: np.ndarray = SOBEL_VERTICAL) -> np.ndarray:
+    """A grey image (H, W) filtered with a hand-set 3x3 kernel, same size as the image.
+
+    torch.nn.functional.conv2d does it because it is the very operation of a network's conv layer
+    (a cross-correlation: the kernel is not flipped), so the figure shows what a first-layer filter
+    with these weights computes, and no SciPy is needed. The border is padded by repeating the edge
+    pixels, not with zeros, which would make a false edge all round a bright image."""
+    import torch  # here, not at the top: the other figures do not need torch loaded
+    import torch.nn.functional as F
+
+    grey = np.asarray(image.convert("L") if isinstance(image, Image.Image) else image, dtype=np.float32)
+    weights = np.asarray(kernel, dtype=np.float32)
+    if grey.ndim != 2 or weights.shape != (3, 3):
+        raise ValueError(f"expected a grey image (H, W) and a 3x3 kernel, got {grey.shape} and {weights.shape}")
+    x = F.pad(torch.from_numpy(grey)[None, None], (1, 1, 1, 1), mode="replicate")
+    return F.conv2d(x, torch.from_numpy(weights)[None, None])[0, 0].numpy()
+
+
+def plot_edge_kernel(image: Image.Image | np.ndarray, path: str | os.PathLike, kernel: np.ndarray | None = None) -> Path:
+    """An image, the hand-set 3x3 kernel (Sobel's vertical-edge one unless given) with its weights
+    written in, and the image filtered with it, side by side: an edge detector made by hand, before
+    a network learns its own. The response's colours are symmetric about zero, so red and blue are
+    the two directions of an edge (dark to bright and bright to dark) and white is no edge."""
+    kernel = SOBEL_VERTICAL if kernel is None else np.asarray(kernel, dtype=np.float64)
+    response = edge_response(image, kernel)
+    grey = np.asarray(image.convert("L") if isinstance(image, Image.Image) else image)
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 1.4, 3]})
+    axes[0].imshow(grey, cmap="gray", interpolation="nearest")
+    axes[0].set_title("image (grey)", fontsize=10)
+    _draw_kernel(axes[1], kernel)
+    limit = float(np.abs(response).max()) or 1.0
+    shown = axes[2].imshow(response, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+    axes[2].set_title("filtered: the kernel's response", fontsize=10)
+    fig.colorbar(shown, ax=axes[2], shrink=0.8)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return save_figure(fig, path, dpi=110)
+
+
+def _draw_kernel(ax, kernel: np.ndarray) -> None:
+    limit = float(np.abs(kernel).max()) or 1.0
+    ax.imshow(kernel, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+    for (y, x), value in np.ndenumerate(kernel):
+        # white on the dark ends of the colour map, black in its light middle
+        ax.text(x, y, f"{value:g}", ha="center", va="center", fontsize=11,
+                color="white" if abs(value) > 0.6 * limit else "black")
+    ax.set_title("3x3 kernel", fontsize=10)

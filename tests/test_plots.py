@@ -1,11 +1,12 @@
-"""classifier.plots' lesson figures: every conv layer's filters, an image's channels as numbers."""
+"""classifier.plots' lesson figures: every conv layer's filters, an image's channels as numbers, a hand-set edge kernel."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from classifier.models import conv_filters, create_model
-from classifier.plots import _filter_mosaic, plot_conv_filters, plot_image_channels
+from classifier.plots import (SOBEL_VERTICAL, _filter_mosaic, edge_response, plot_conv_filters, plot_edge_kernel,
+                              plot_image_channels)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -52,3 +53,36 @@ def test_plot_image_channels_with_values_and_with_a_colour_bar(tmp_path):
     assert _is_png(plot_image_channels(grey, tmp_path / "grey.png"))
     with pytest.raises(ValueError, match="RGB"):
         plot_image_channels(large[:, :, 0], tmp_path / "bad.png")
+
+
+def _vertical_step(height: int = 8, width: int = 8, step: int = 4) -> np.ndarray:
+    """Black on the left of column `step`, white from it on: one vertical edge."""
+    image = np.zeros((height, width), dtype=np.uint8)
+    image[:, step:] = 255
+    return image
+
+
+def test_the_sobel_kernel_answers_at_the_step_and_nowhere_else():
+    response = edge_response(_vertical_step())
+    # columns 3 and 4 straddle the step: (255 - 0) x (1 + 2 + 1) each, every row alike
+    assert np.allclose(response[:, 3:5], 4 * 255)
+    flat = np.delete(response, [3, 4], axis=1)
+    assert np.allclose(flat, 0)  # flat areas and the borders (repeated, not zero-padded) give nothing
+
+
+def test_the_kernel_is_not_flipped_and_a_horizontal_one_sees_no_vertical_edge():
+    # conv2d is a cross-correlation: the kernel flipped left-right gives the opposite sign
+    assert np.allclose(edge_response(_vertical_step(), SOBEL_VERTICAL[:, ::-1].copy())[:, 3:5], -4 * 255)
+    assert np.allclose(edge_response(_vertical_step(), SOBEL_VERTICAL.T.copy()), 0)
+
+
+def test_plot_edge_kernel_writes_a_png(tmp_path):
+    path = plot_edge_kernel(Image.fromarray(_vertical_step(16, 24, 10)).convert("RGB"), tmp_path / "edges.png")
+    assert _is_png(path)
+    laplacian = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]])
+    assert _is_png(plot_edge_kernel(_vertical_step(), tmp_path / "laplacian.png", kernel=laplacian))
+
+
+def test_edge_response_needs_a_3x3_kernel():
+    with pytest.raises(ValueError, match="3x3 kernel"):
+        edge_response(_vertical_step(), np.ones((5, 5)))

@@ -23,6 +23,7 @@ COMMANDS = {
     "search": ("search", "hyperparameter search (grid, TPE or random) with early stopping"),
     "soup": ("soup", "average the weights of several bundles into one bundle, and evaluate it"),
     "recipe": ("recipe", "run a recipe file: the steps (train, evaluate, soup) that make a model"),
+    "tutorial": ("tutorial", "run a lesson's recipe (e.g. apparel) and compare its figure with the lesson's"),
     "report": ("report", "reports: a dataset's statistics, a model's layers, a bundle's predictions"),
     "push": ("push", "upload a bundle with its model card to the Hugging Face Hub"),
     "pull": ("pull", "download a bundle from the Hugging Face Hub and check that it loads"),

@@ -4,9 +4,11 @@
     python -m classifier recipe recipes/cifar10-cnn.yaml --set data_dir=path/to/cifar10-jpeg.tar.gz
 
 A recipe is a YAML file with a list of `steps`, each one command (train, evaluate, soup, predict,
-report) and its options, spelt as in the command's --help with underscores or hyphens:
+report) and its options, spelt as in the command's --help with underscores or hyphens; a lesson's
+recipe (`python -m classifier tutorial`) also says the figure the lesson reported:
 
     description: what it makes and how good it was
+    lesson: {reported: "71% test accuracy"}
     steps:
       - train: {data: cifar10, model: fast_cnn, epochs: 10, out: runs/fast10}
       - evaluate: {bundle: runs/fast10/bundle, tta: flip, write: true}
@@ -36,6 +38,7 @@ from classifier.loop import LAST_CHECKPOINT
 from classifier.run import RUN_BUNDLE_DIR
 
 STEP_COMMANDS = ("train", "evaluate", "soup", "predict", "report")
+RECIPE_KEYS = ("description", "steps", "lesson")  # a misspelt key is an error, not silently ignored
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +60,10 @@ def read_recipe(path: str | Path) -> tuple[str, list[tuple[str, dict]]]:
         raise ConfigError(f"{path}: a recipe is a mapping with a list of steps")
     if "steps" not in content:  # a plain config file: one train step
         return "", [("train", check_settings(content, str(path)))]
+    unknown = sorted(str(key) for key in content if key not in RECIPE_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: '{unknown[0]}' is not a part of a recipe ({', '.join(RECIPE_KEYS)})")
+    read_lesson(content, path)  # checked here so that `recipe` refuses a bad one too
     steps = []
     for number, step in enumerate(content["steps"] or [], start=1):
         if not isinstance(step, dict) or len(step) != 1 or next(iter(step)) not in STEP_COMMANDS:
@@ -69,6 +76,14 @@ def read_recipe(path: str | Path) -> tuple[str, list[tuple[str, dict]]]:
     if not steps:
         raise ConfigError(f"{path}: the recipe has no steps")
     return str(content.get("description", "")).strip(), steps
+
+
+def read_lesson(content: dict, path: str | Path) -> dict:
+    """The recipe's `lesson` mapping ({} when it has none); its `reported` figure must be text."""
+    lesson = content.get("lesson") or {}
+    if not isinstance(lesson, dict) or not isinstance(lesson.get("reported", ""), str):
+        raise ConfigError(f"{path}: lesson must be a mapping like {{reported: \"71% test accuracy\"}}")
+    return lesson
 
 
 def step_argv(command: str, options: dict) -> list[str]:
@@ -106,19 +121,26 @@ def train_state(options: dict) -> str:
     return "interrupted" if (out / LAST_CHECKPOINT).is_file() else "new"
 
 
+def plan(recipe: str | Path, settings: list[str]) -> tuple[str, list[tuple[str, dict, list[str]]]]:
+    """(description, [(command, options, argv), ...]): the steps as they will run, with the --set
+    NAME=VALUE `settings` in every train step; ConfigError for a bad recipe or setting."""
+    overrides = check_settings(dict(item.split("=", 1) for item in settings if "=" in item), "--set")
+    if any("=" not in item for item in settings):
+        raise ConfigError("--set takes NAME=VALUE, e.g. --set data_dir=../data/cifar10-jpeg.tar.gz")
+    description, steps = read_recipe(recipe)
+    planned = []
+    for number, (command, options) in enumerate(steps, start=1):
+        if command == "train":
+            # A step's own folder, so that a rerun knows it is done (train's default is a new one each time).
+            options = {"out": f"runs/{Path(recipe).stem}-step{number}", **options, **overrides}
+        planned.append((command, options, step_argv(command, options)))
+    return description, planned
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        overrides = check_settings(dict(item.split("=", 1) for item in args.set if "=" in item), "--set")
-        if any("=" not in item for item in args.set):
-            raise ConfigError("--set takes NAME=VALUE, e.g. --set data_dir=../data/cifar10-jpeg.tar.gz")
-        description, steps = read_recipe(args.recipe)
-        planned = []
-        for number, (command, options) in enumerate(steps, start=1):
-            if command == "train":
-                # A step's own folder, so that a rerun knows it is done (train's default is a new one each time).
-                options = {"out": f"runs/{Path(args.recipe).stem}-step{number}", **options, **overrides}
-            planned.append((command, options, step_argv(command, options)))
+        description, planned = plan(args.recipe, args.set)
     except ConfigError as exc:
         return report(exc)
     if description:
