@@ -44,6 +44,7 @@ class ModelView(NamedTuple):
     predicted_filter: gr.Dropdown
     gallery: list
     mistakes_note: str
+    most_confused: pd.DataFrame
     confusion: pd.DataFrame
     confusion_png: str | None
     per_class: pd.DataFrame
@@ -80,7 +81,8 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
         return ModelView(
             f"The model tells apart: {', '.join(bundle.label_names)}.",
             gr.Dropdown(choices=filters, value=logic.ALL), gr.Dropdown(choices=filters, value=logic.ALL),
-            evaluation.gallery(), evaluation.summary(), _table(*evaluation.confusion_table()),
+            evaluation.gallery(), evaluation.summary(), _table(*evaluation.most_confused_table()),
+            _table(*evaluation.confusion_table()),
             evaluation.image(CONFUSION_PNG), _table(*evaluation.per_class_table()),
             logic.model_summary(bundle, store.location(name)), evaluation.image(CURVES_PNG),
             evaluation.image(SAMPLES_PNG))
@@ -148,9 +150,12 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
                 predicted_filter = gr.Dropdown(initial.predicted_filter.choices, value=logic.ALL,
                                                label="Predicted class", elem_id="predicted-filter")
             mistakes_note = gr.Markdown(initial.mistakes_note)
-            gallery = gr.Gallery(initial.gallery, label="Misclassified test images: true -> predicted (p)",
+            gallery = gr.Gallery(initial.gallery, label="Misclassified test images: true (its p) → predicted (p)",
                                  columns=5, height=480, object_fit="contain", fit_columns=False,
                                  elem_id="mistakes-gallery")
+            # The pairs to look at first, without reading the whole matrix (fastai's most_confused).
+            most_confused = gr.Dataframe(initial.most_confused, interactive=False, elem_id="most-confused",
+                                         label="Most confused pairs (test set)")
             with gr.Row():
                 confusion = gr.Dataframe(initial.confusion, interactive=False, elem_id="confusion",
                                          label="Confusion matrix (rows true, columns predicted): "
@@ -180,7 +185,7 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
             clear_on_failure(example_gallery.load_input_event.then(
                 predict, [image, model], result, preprocess=False, api_visibility="private"))
         switch = model.change(model_view, model, [classes_note, true_filter, predicted_filter, gallery,
-                                                  mistakes_note, confusion, confusion_png, per_class, summary,
+                                                  mistakes_note, most_confused, confusion, confusion_png, per_class, summary,
                                                   curves, samples], api_name="select_model")
         # A model that will not load leaves its error on screen and the dropdown back on the model
         # the page still shows, so the two never disagree; a good one re-classifies the image.

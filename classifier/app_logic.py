@@ -242,13 +242,15 @@ class EvalReport:
                 if true in (ALL, None, m["true"]) and predicted in (ALL, None, m["predicted"])]
 
     def gallery(self, true: str = ALL, predicted: str = ALL) -> list[tuple[str, str]]:
-        """(thumbnail path, "true -> predicted (p%)") for each matching mistake, worst first."""
+        """(thumbnail path, caption) for each matching mistake, worst first."""
         return [(str(self.eval_dir / m["file"]), caption(m)) for m in self.filter(true, predicted)]
 
     def summary(self, true: str = ALL, predicted: str = ALL) -> str:
         shown = len(self.filter(true, predicted))
         if not self.metrics and not self.mistakes:
             return "This bundle has no evaluation (no eval/ folder)."
+        if shown == 0 and not (true not in (ALL, None) and true == predicted):
+            return self.empty_note(true, predicted)
         text = f"**{shown}** misclassified test image{'s' if shown != 1 else ''} shown"
         errors = self.errors_in_test_set(true, predicted)
         if errors is not None and errors != shown:
@@ -257,6 +259,34 @@ class EvalReport:
         if true not in (ALL, None) and true == predicted:
             text += f". *{true} -> {true}* are the correct predictions: pick two different classes"
         return text + "."
+
+    def empty_note(self, true: str = ALL, predicted: str = ALL) -> str:
+        """Why the gallery is empty, in plain words: an empty gallery alone reads as a broken page.
+        It tells apart "the model never made this mistake" from "it did, but the bundle kept
+        other mistakes" (only the most confident ones are saved)."""
+        true_part = "test images" if true in (ALL, None) else f"test images of {true}"
+        predicted_part = "" if predicted in (ALL, None) else f" for {predicted}"
+        errors = self.errors_in_test_set(true, predicted)
+        if errors is None:  # no confusion matrix: only the saved mistakes are known
+            return "No saved mistakes match these classes."
+        if errors:
+            return (f"None of the {errors} {true_part} taken{predicted_part or ' for another class'} "
+                    f"were kept in this bundle (it keeps the most confident mistakes only).")
+        if predicted_part:
+            return f"No {true_part} were taken{predicted_part}."
+        return f"No {true_part} were misclassified."
+
+    def most_confused(self, limit: int = 10) -> list[tuple[str, str, int]]:
+        """(true class, predicted class, count) for the off-diagonal cells of the confusion matrix
+        that are not zero, most frequent first, like fastai's most_confused(min_val=1): the pairs
+        worth looking at first, without reading the whole matrix. Ties keep the matrix order."""
+        pairs = [(self.labels[r], self.labels[c], int(count))
+                 for r, row in enumerate(self.confusion_matrix) for c, count in enumerate(row)
+                 if r != c and count > 0]
+        return sorted(pairs, key=lambda pair: -pair[2])[:limit]
+
+    def most_confused_table(self, limit: int = 10) -> tuple[list[str], list[list]]:
+        return ["true", "predicted", "images"], [list(pair) for pair in self.most_confused(limit)]
 
     def errors_in_test_set(self, true: str = ALL, predicted: str = ALL) -> int | None:
         """How many test images the confusion matrix counts as `true` predicted as `predicted`."""
@@ -289,8 +319,24 @@ class EvalReport:
         return true_label, self.labels[column - 1]
 
 
+def _probability(mistake: dict, key: str, label: str) -> float | None:
+    """mistake[key], else the class's entry in its top-k "top" dict, else None: older or
+    hand-written mistakes.json files may lack p_true, and "top" rarely holds the true class."""
+    value = mistake.get(key)
+    if value is None:
+        value = (mistake.get("top") or {}).get(label)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def caption(mistake: dict) -> str:
-    return f"{mistake['true']} -> {mistake['predicted']} ({format_probability(mistake['p_predicted'])})"
+    """"cat (true, 12%) → dog 81%": both probabilities, since how little the model believed the
+    true class says as much as how sure it was of the wrong one. A missing one is left out."""
+    true, predicted = mistake["true"], mistake["predicted"]
+    p_true = _probability(mistake, "p_true", true)
+    p_predicted = _probability(mistake, "p_predicted", predicted)
+    left = f"{true} (true, {format_probability(p_true)})" if p_true is not None else f"{true} (true)"
+    right = f"{predicted} {format_probability(p_predicted)}" if p_predicted is not None else predicted
+    return f"{left} → {right}"
 
 
 def servable_dirs(bundle_dir: str | os.PathLike) -> list[Path]:

@@ -150,8 +150,20 @@ def test_headline_says_when_the_model_is_not_sure():
     assert logic.headline(unsure, unsure_below=0.4) == "bird 41%"
 
 
-def test_mistake_captions_never_say_100_percent():
-    assert logic.caption({"true": "cat", "predicted": "dog", "p_predicted": 0.9997}) == "cat -> dog (>99.9%)"
+def test_mistake_captions_give_both_probabilities_and_never_say_100_percent():
+    mistake = {"true": "cat", "predicted": "dog", "p_predicted": 0.9997, "p_true": 0.0002}
+    assert logic.caption(mistake) == "cat (true, <0.1%) → dog >99.9%"
+    assert logic.caption({"true": "cat", "predicted": "dog", "p_true": 0.12, "p_predicted": 0.81}) == (
+        "cat (true, 12%) → dog 81%")
+
+
+def test_mistake_captions_without_a_probability_fall_back_gracefully():
+    # No p_true (an older mistakes.json): the top-k dict has it when the true class was runner-up.
+    assert logic.caption({"true": "cat", "predicted": "dog", "p_predicted": 0.6,
+                          "top": {"dog": 0.6, "cat": 0.3}}) == "cat (true, 30%) → dog 60%"
+    # Nowhere to be found: the caption says which is which, without a made-up number.
+    assert logic.caption({"true": "cat", "predicted": "dog", "p_predicted": 0.6}) == "cat (true) → dog 60%"
+    assert logic.caption({"true": "cat", "predicted": "dog"}) == "cat (true) → dog"
 
 
 def test_classifies_a_shipped_example(client, predictor):
@@ -309,9 +321,9 @@ def test_mistakes_filters_show_exactly_the_matching_pairs(client, true, predicte
     captions = _captions(gallery)
     assert len(captions) == expected
     for text in captions:
-        t, p = re.fullmatch(r"(\w+) -> (\w+) \([<>]?[\d.]+%\)", text).groups()
+        t, p = re.fullmatch(r"(\w+) \(true, [<>]?[\d.]+%\) → (\w+) [<>]?[\d.]+%", text).groups()
         assert true in ("all", t) and predicted in ("all", p)
-    assert f"**{expected}**" in note
+    assert f"**{expected}**" in note if expected else note == "No test images of box were taken for wedge."
 
 
 def test_mistakes_of_an_unknown_class_is_a_readable_error(client):
@@ -321,17 +333,19 @@ def test_mistakes_of_an_unknown_class_is_a_readable_error(client):
 
 def test_mistake_captions_and_order(client):
     gallery, note = client.predict("b-renamed", "all", "all", api_name="/mistakes")
-    assert _captions(gallery) == ["disc -> box (91%)", "wedge -> disc (84%)", "disc -> wedge (66%)",
-                                  "wedge -> disc (52%)"]
+    assert _captions(gallery) == ["disc (true, 5%) → box 91%", "wedge (true, 5%) → disc 84%",
+                                  "disc (true, 5%) → wedge 66%", "wedge (true, 5%) → disc 52%"]
     assert "of 4 in the test set" in note or "**4**" in note
 
 
 def test_switching_model_updates_every_tab_and_prediction(client, predictor, tmp_path):
-    (note, true_filter, predicted_filter, gallery, mistakes_note, confusion, confusion_png, per_class,
-     summary, curves, samples) = client.predict("b-renamed", api_name="/select_model")
+    (note, true_filter, predicted_filter, gallery, mistakes_note, most_confused, confusion, confusion_png,
+     per_class, summary, curves, samples) = client.predict("b-renamed", api_name="/select_model")
     assert "disc, box, wedge" in note
     assert [c[0] for c in true_filter["choices"]] == ["all", *RENAMED] and true_filter["value"] == "all"
     assert len(gallery) == 4
+    assert most_confused["headers"] == ["true", "predicted", "images"]
+    assert most_confused["data"] == [["wedge", "disc", 2], ["disc", "box", 1], ["disc", "wedge", 1]]
     assert confusion["headers"][1:] == RENAMED
     assert [row[1:] for row in confusion["data"]] == CONFUSION
     assert [row[0] for row in per_class["data"]] == RENAMED
@@ -395,6 +409,34 @@ def test_confusion_cell_sets_both_filters(models_dir):
     assert report.filters_for_cell("wedge", 0) == ("wedge", "all")  # the row's name: all its mistakes
     assert len(report.gallery(*report.filters_for_cell("wedge", 1))) == 2
     assert report.errors_in_test_set("wedge", "disc") == 2 and report.errors_in_test_set() == 4
+
+
+def test_most_confused_pairs_come_from_the_confusion_matrix(models_dir):
+    from classifier.bundle import load_bundle
+
+    report = logic.EvalReport.from_bundle(load_bundle(models_dir / "b-renamed"))
+    # Off-diagonal, non-zero cells of CONFUSION, most frequent first; ties in matrix order.
+    assert report.most_confused() == [("wedge", "disc", 2), ("disc", "box", 1), ("disc", "wedge", 1)]
+    assert report.most_confused(limit=1) == [("wedge", "disc", 2)]
+    assert report.most_confused_table(2) == (["true", "predicted", "images"],
+                                             [["wedge", "disc", 2], ["disc", "box", 1]])
+    assert logic.EvalReport(RENAMED, report.eval_dir).most_confused() == []  # no matrix: no pairs
+
+
+def test_an_empty_filter_says_why_the_gallery_is_empty(models_dir):
+    from classifier.bundle import load_bundle
+
+    report = logic.EvalReport.from_bundle(load_bundle(models_dir / "b-renamed"))
+    assert report.gallery("box", "wedge") == []
+    assert report.summary("box", "wedge") == "No test images of box were taken for wedge."
+    assert report.summary("box", "all") == "No test images of box were misclassified."
+    # The matrix counts mistakes the bundle did not keep: say so, not "none were taken".
+    report.mistakes = [m for m in report.mistakes if m["true"] != "wedge"]
+    assert report.summary("wedge", "disc") == (
+        "None of the 2 test images of wedge taken for disc were kept in this bundle "
+        "(it keeps the most confident mistakes only).")
+    # Same class twice keeps its own explanation.
+    assert "pick two different classes" in report.summary("box", "box")
 
 
 def test_unreachable_hub_model_stops_start_up_with_a_message(monkeypatch, tmp_path):

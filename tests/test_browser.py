@@ -140,7 +140,7 @@ def test_clicking_a_confusion_cell_filters_the_gallery(page, tmp_path):
     # Row 2 (true "wedge"), column 1 (predicted "disc"): the two wedges taken for discs.
     page.locator("#confusion [data-testid='cell-2-1']").click()
     sync_api.expect(captions).to_have_count(2, timeout=TIMEOUT_MS)
-    assert captions.all_inner_texts() == ["wedge -> disc (84%)", "wedge -> disc (52%)"]
+    assert captions.all_inner_texts() == ["wedge (true, 5%) → disc 84%", "wedge (true, 5%) → disc 52%"]
     sync_api.expect(page.locator("#true-filter input")).to_have_value("wedge")
     sync_api.expect(page.locator("#predicted-filter input")).to_have_value("disc")
     page.screenshot(path=str(tmp_path / "mistakes.png"), full_page=True)
