@@ -185,8 +185,8 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
             clear_on_failure(example_gallery.load_input_event.then(
                 predict, [image, model], result, preprocess=False, api_visibility="private"))
         switch = model.change(model_view, model, [classes_note, true_filter, predicted_filter, gallery,
-                                                  mistakes_note, most_confused, confusion, confusion_png, per_class, summary,
-                                                  curves, samples], api_name="select_model")
+                                                  mistakes_note, most_confused, confusion, confusion_png,
+                                                  per_class, summary, curves, samples], api_name="select_model")
         # A model that will not load leaves its error on screen and the dropdown back on the model
         # the page still shows, so the two never disagree; a good one re-classifies the image.
         clear_on_failure(switch.success(lambda name: name, model, shown_model, api_visibility="private").then(

@@ -257,7 +257,7 @@ class EvalReport:
             # The bundle keeps the highest-loss mistakes only (training's --mistakes).
             text += f" of {errors} in the test set (the bundle keeps the most confident mistakes)"
         if true not in (ALL, None) and true == predicted:
-            text += f". *{true} -> {true}* are the correct predictions: pick two different classes"
+            text += f". *{true} → {true}* are the correct predictions: pick two different classes"
         return text + "."
 
     def empty_note(self, true: str = ALL, predicted: str = ALL) -> str:
