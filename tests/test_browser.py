@@ -145,6 +145,11 @@ def test_clicking_a_confusion_cell_filters_the_gallery(page, tmp_path):
     sync_api.expect(page.locator("#predicted-filter input")).to_have_value("disc")
     page.screenshot(path=str(tmp_path / "mistakes.png"), full_page=True)
     print(f"screenshot: {tmp_path / 'mistakes.png'}")
+    # Row 1 (true "box"), column 3 (predicted "wedge"): a zero cell empties the gallery, and the
+    # note says why instead of leaving a blank gallery.
+    page.locator("#confusion [data-testid='cell-1-3']").click()
+    sync_api.expect(captions).to_have_count(0, timeout=TIMEOUT_MS)
+    sync_api.expect(page.get_by_text("No test images of box were taken for wedge.")).to_be_visible()
 
 
 def choose_model(page, name: str) -> None:
