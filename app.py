@@ -19,7 +19,9 @@ import torch
 from classifier import app_logic as logic
 from classifier.allocator import keep_freed_memory
 from classifier.bundle import CONFUSION_PNG, CURVES_PNG, SAMPLES_PNG
-from classifier.errors import BundleError, HubError, ImageError
+from classifier.errors import BundleError, DataError, HubError, ImageError
+from classifier import teach_set
+from classifier.teacher import TRAININGS_AT_ONCE, Teacher
 
 MAX_FILE_SIZE = "10mb"  # a photo worth classifying is far smaller; bigger uploads are refused unread
 QUEUE_SIZE = 64  # requests waiting beyond this are turned away at once instead of timing out
@@ -54,10 +56,13 @@ class ModelView(NamedTuple):
 
 
 def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
-              examples_dir=logic.EXAMPLES_DIR) -> gr.Blocks:
+              examples_dir=logic.EXAMPLES_DIR, teach_root=None) -> gr.Blocks:
     """The Blocks app, queued, with the default model loaded (so a broken default fails here, at
-    start-up, with BundleError or HubError) and every other model loaded on first use."""
+    start-up, with BundleError or HubError) and every other model loaded on first use.
+    `teach_root`: where the Train tab writes taught models (default: teacher.ROOT, in the temp dir)."""
     store = logic.ModelStore(logic.model_choices(models_dir, model_id))
+    shipped = list(store.names)
+    teacher = Teacher(store.add, store.remove, **({"root": teach_root} if teach_root else {}))
     if not store.choices:
         raise BundleError(f"no model bundles in {models_dir} (each one a folder with config.json); "
                           "set MODEL_ID or --model to a bundle folder or a Hub id")
@@ -66,9 +71,9 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
     # Serve the bundles' eval images and the examples straight from disk (not copied per request).
     static = logic.servable_dirs(default_bundle.path) + [p for loc in store.choices.values()
                                                          for p in logic.servable_dirs(loc)]
-    gr.set_static_paths(static + [str(examples_dir)])
+    gr.set_static_paths(static + [str(examples_dir), str(teacher.root)])
 
-    @functools.lru_cache(maxsize=None)  # a bundle's eval/ does not change while the app serves it
+    @functools.lru_cache(maxsize=64)  # a bundle's eval/ does not change while the app serves it
     def report(name: str) -> logic.EvalReport:
         return logic.EvalReport.from_bundle(store.bundle(name))
 
@@ -167,6 +172,8 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
             with gr.Row():
                 curves = gr.Image(initial.curves, label="Training curves", interactive=False)
                 samples = gr.Image(initial.samples, label="Test images with predictions", interactive=False)
+        with gr.Tab("Train"):
+            train_tab(teacher, model, shipped)
 
         result = [label, headline, timing]
 
@@ -199,6 +206,170 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
                          api_visibility="private")
 
     return app.queue(max_size=QUEUE_SIZE, default_concurrency_limit=CONCURRENCY)
+
+
+def _set_view(images: dict, notes: list[str] | None = None):
+    """The Train tab's outputs for a teaching set: the set, its table, thumbnails, classes, notes."""
+    rows = teach_set.summary_rows(images)
+    thumbs = [(path, name) for name, files in images.items() for path in files[-12:]][-60:]
+    why = teach_set.readiness(images)
+    status = "Ready to train." if why is None else f"Not ready: {why}."
+    shown = "\n".join(f"- {note}" for note in (notes or [])[:20])
+    more = f"\n- ... and {len(notes) - 20} more" if notes and len(notes) > 20 else ""
+    left_out = f"**Left out:**\n{shown}{more}\n\n" if notes else ""
+    return (images, _table(["class", "images", "status"], rows), thumbs,
+            gr.Dropdown(choices=list(images), value=next(iter(images), None)), left_out + status)
+
+
+def train_tab(teacher: Teacher, model: gr.Dropdown, shipped: list[str]) -> None:
+    """Teach new classes from the person's own images (classifier.teach), in the current Blocks.
+
+    The set is kept per browser session (gr.State), and so are the models it trained: they join
+    that session's model menu only, and are deleted when the session ends or after
+    teacher.MODEL_LIFETIME_S. Trainings share one queue (TRAININGS_AT_ONCE), whose place Gradio shows."""
+    limits = teach_set.LIMITS
+    gr.Markdown(f"Teach a model your own classes: name a class, add photos of it (files, the webcam, or a zip "
+                f"of class folders), do the same for another class, then **Train**. It takes seconds: a "
+                f"pretrained network looks at each photo once and a small layer on top learns your classes. "
+                f"Up to {limits.max_classes} classes, {limits.max_images_per_class} images each.")
+    images = gr.State({})
+    # The names of the models this session trained; Gradio calls the callback when the session ends.
+    session_models = gr.State([], delete_callback=lambda names: [teacher.forget(n) for n in names or []])
+    with gr.Row():
+        with gr.Column():
+            class_name = gr.Textbox(label="Class name", placeholder="e.g. my mug", elem_id="teach-class")
+            files = gr.File(file_count="multiple", file_types=["image"], label="Images of this class",
+                            elem_id="teach-files")
+            add = gr.Button("Add images to this class", elem_id="teach-add")
+            with gr.Accordion("Webcam", open=False):
+                webcam = gr.Image(sources=["webcam"], type="filepath", label="Webcam", height=240)
+                capture = gr.Button("Add this frame to the class")
+            archive = gr.File(file_types=[".zip"], label="Or a zip of class folders (<class>/<image>)",
+                              elem_id="teach-zip")
+        with gr.Column():
+            counts = gr.Dataframe(_table(["class", "images", "status"], []), interactive=False,
+                                  label="Your classes", elem_id="teach-counts")
+            notes = gr.Markdown(elem_id="teach-notes")
+            with gr.Row():
+                clear_choice = gr.Dropdown([], label="Class", scale=2)
+                clear = gr.Button("Clear this class", scale=1)
+            thumbs = gr.Gallery(label="Your images (latest)", columns=6, height=220, elem_id="teach-thumbs")
+    train = gr.Button("Train", variant="primary", elem_id="teach-train")
+    result = gr.Markdown(elem_id="teach-result")
+    with gr.Row():
+        longer = gr.Button("Train longer (fine-tune the whole network, minutes)", interactive=False)
+        stop = gr.Button("Stop", interactive=False)
+        download = gr.DownloadButton("Download the model (zip)", visible=False, elem_id="teach-download")
+    with gr.Accordion("Push it to the Hugging Face Hub", open=False):
+        repo = gr.Textbox(label="Repository (owner/name)")
+        token = gr.Textbox(label="Your Hugging Face token (write access; used for this push only, never stored "
+                                 "or shown)", type="password")
+        push = gr.Button("Push")
+        pushed = gr.Markdown()
+    current = gr.State(None)  # the name of the model this session trained last
+    view = [images, counts, thumbs, clear_choice, notes]
+
+    def add_files(state: dict, name: str, uploaded: list | None):
+        if not uploaded:
+            raise gr.Error("choose some image files first", title="Nothing to add", print_exception=False)
+        try:
+            added = teach_set.add_images(state, name, [getattr(f, "name", f) for f in uploaded])
+        except DataError as exc:
+            raise _user_error(exc, "Cannot add these images") from exc
+        return _set_view(added.images, added.problems)
+
+    def add_frame(state: dict, name: str, frame: str | None):
+        if not frame:
+            raise gr.Error("start the webcam and take a photo first", title="No frame", print_exception=False)
+        return add_files(state, name, [frame])
+
+    def add_zip(state: dict, uploaded):
+        if uploaded is None:
+            return _set_view(state)
+        try:
+            added = teach_set.read_zip(getattr(uploaded, "name", uploaded), teacher.uploads)
+            merged, problems = dict(state), list(added.problems)
+            for name, paths in added.images.items():
+                more = teach_set.add_images(merged, name, paths)
+                merged, problems = more.images, problems + more.problems
+        except DataError as exc:
+            raise _user_error(exc, "Cannot read this zip") from exc
+        return _set_view(merged, problems)
+
+    def clear_class(state: dict, name: str | None):
+        return _set_view(teach_set.clear_class(state, name) if name else state)
+
+    def menu(names: list[str], value: str) -> gr.Dropdown:
+        return gr.Dropdown(choices=[*shipped, *names], value=value)
+
+    def outcome(taught, names: list[str]):
+        names = [n for n in names if teacher.get(n)] + ([taught.name] if taught.name not in names else [])
+        return (taught.result.summary() + f"\n\nThe model **{taught.name}** is now chosen in the menu above: the "
+                "Classify, Mistakes and Model tabs show it.", menu(names, taught.name), names, taught.name,
+                gr.DownloadButton(value=str(teacher.archive(taught)), visible=True), gr.Button(interactive=True))
+
+    def run_training(state: dict, names: list[str], progress=gr.Progress()):
+        try:
+            taught = teacher.teach(state, lambda f, text: progress(f, desc=text))
+        except (DataError, ImageError) as exc:
+            raise _user_error(exc, "Cannot train yet") from exc
+        return outcome(taught, names)
+
+    def run_longer(state: dict, names: list[str], name: str | None, progress=gr.Progress()):
+        taught = teacher.get(name) if name else None
+        if taught is None:
+            raise gr.Error("train a model first (it may have expired)", title="Nothing to train longer",
+                           print_exception=False)
+        try:
+            longer_model = teacher.train_longer(state, taught, lambda f, text: progress(f, desc=text),
+                                                should_stop=lambda: teacher.stop_requested(taught.name))
+        except (DataError, ImageError) as exc:
+            raise _user_error(exc, "Cannot train longer") from exc
+        return outcome(longer_model, names)
+
+    def push_model(name: str | None, repo_id: str, secret: str):
+        taught = teacher.get(name) if name else None
+        if taught is None:
+            raise gr.Error("train a model first (it may have expired)", title="Nothing to push", print_exception=False)
+        from classifier.publish import push_bundle  # the Hub upload code, only when someone pushes
+
+        try:
+            done = push_bundle(taught.bundle_dir, repo_id, token=secret or None)
+        except (HubError, BundleError) as exc:
+            raise _user_error(exc, "Push failed") from exc
+        return f"Pushed to [{done.repo_id}]({done.url})."
+
+    def train_from_zip(uploaded) -> tuple[str, dict]:
+        """The `train` endpoint: a zip of class folders in; the taught model's name (for /classify and
+        /select_model) and its validation figures out."""
+        if uploaded is None:
+            raise gr.Error("send a zip of class folders", title="No zip", print_exception=False)
+        try:
+            added = teach_set.read_zip(getattr(uploaded, "name", uploaded), teacher.uploads)
+            taught = teacher.teach(added.images)
+        except (DataError, ImageError) as exc:
+            raise _user_error(exc, "Cannot train on this zip") from exc
+        return taught.name, taught.result.figures | {"left_out": added.problems + taught.result.problems}
+
+    add.click(add_files, [images, class_name, files], view, api_visibility="private").success(
+        lambda: None, None, files, api_visibility="private")
+    capture.click(add_frame, [images, class_name, webcam], view, api_visibility="private")
+    archive.upload(add_zip, [images, archive], view, api_visibility="private")
+    clear.click(clear_class, [images, clear_choice], view, api_visibility="private")
+    trained = [result, model, session_models, current, download, longer]
+    train.click(run_training, [images, session_models], trained, concurrency_limit=TRAININGS_AT_ONCE,
+                concurrency_id="training", api_visibility="private")
+    running = longer.click(lambda: (gr.Button(interactive=True), gr.Button(interactive=False)), None, [stop, longer],
+                           api_visibility="private").then(
+        run_longer, [images, session_models, current], trained, concurrency_limit=TRAININGS_AT_ONCE,
+        concurrency_id="training", api_visibility="private")
+    running.then(lambda: gr.Button(interactive=False), None, stop, api_visibility="private")
+    stop.click(lambda name: teacher.request_stop(name), current, None, api_visibility="private")
+    push.click(push_model, [current, repo, token], pushed, api_visibility="private")
+    # The API's one-call training: hidden components carry its zip in and its answer out.
+    api_zip, api_name, api_figures = gr.File(visible=False), gr.Textbox(visible=False), gr.JSON(visible=False)
+    gr.Button(visible=False).click(train_from_zip, api_zip, [api_name, api_figures], api_name="train",
+                                   concurrency_limit=TRAININGS_AT_ONCE, concurrency_id="training")
 
 
 def launch(app: gr.Blocks, **kwargs):

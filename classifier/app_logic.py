@@ -124,6 +124,15 @@ class ModelStore:
                 self._predictors[name] = predictor
             return self._predictors[name]
 
+    def add(self, name: str, location: str) -> None:
+        """A model made while the app runs (the Train tab's): listed from now on, loaded on first use."""
+        self._locks.setdefault(name, threading.Lock())
+        self.choices[name] = location
+
+    def remove(self, name: str) -> None:
+        self.choices.pop(name, None)
+        self._predictors.pop(name, None)
+
     @staticmethod
     def _load(location: str) -> Bundle:
         try:

@@ -40,18 +40,19 @@ def repo_url(repo_id: str, revision: str = "main", repo_type: str = "model") -> 
     return f"{constants.ENDPOINT}/{prefix}{repo_id}{tree}"
 
 
-def upload_blocker() -> str | None:
-    """Why an upload cannot even start (offline mode, no token), or None; needs no network."""
+def upload_blocker(token: str | None = None) -> str | None:
+    """Why an upload cannot even start (offline mode, no token), or None; needs no network.
+    `token`: one given for this upload (the app's token field) rather than the machine's login."""
     if constants.is_offline_mode():
         return "HF_HUB_OFFLINE is set, so nothing can be uploaded (unset it to push)"
-    if current_token() is None:
+    if not token and current_token() is None:
         return ("no Hugging Face token: set HF_TOKEN to a token with write access, or log in once "
                 "with `hf auth login`")
     return None
 
 
-def describe_failure(exc: BaseException) -> str:
-    """One readable line for a failed Hub call, with any token struck out."""
+def describe_failure(exc: BaseException, token: str | None = None) -> str:
+    """One readable line for a failed Hub call, with any token (and `token`) struck out."""
     if isinstance(exc, OfflineModeIsEnabled):
         text = "HF_HUB_OFFLINE is set, so the Hub cannot be reached"
     elif isinstance(exc, HfHubHTTPError) and exc.response is not None:
@@ -72,14 +73,14 @@ def describe_failure(exc: BaseException) -> str:
         text = f"cannot reach {constants.ENDPOINT} ({type(exc).__name__}); check the network"
     else:
         text = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
-    return redact(text)
+    return redact(text, token)
 
 
-def redact(text: str) -> str:
-    """`text` with the current token, and anything shaped like a token, struck out."""
-    token = current_token()
-    if token:
-        text = text.replace(token, "***")
+def redact(text: str, token: str | None = None) -> str:
+    """`text` with the current token, `token`, and anything shaped like a token, struck out."""
+    for secret in (current_token(), token):
+        if secret:
+            text = text.replace(secret, "***")
     return _TOKEN_LIKE.sub("hf_***", text)
 
 

@@ -51,12 +51,14 @@ def files_to_upload(bundle_dir: str | os.PathLike) -> list[str]:
 
 
 def push_bundle(bundle_dir: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
-                commit_message: str | None = None) -> PushResult:
+                commit_message: str | None = None, token: str | None = None) -> PushResult:
     """Upload a saved bundle (validated first) to the model repository `repo_id`, creating it if needed.
 
     `revision` names a branch, created from main if it does not exist. The model card is
     regenerated for `repo_id` unless it was edited by hand. Raises HubError (the local bundle is
     never touched beyond its README.md) or BundleError for a bundle that is not complete.
+    `token`: a token given for this push (the app's password field); by default huggingface_hub's
+    own (HF_TOKEN or the stored login). It is never part of a message.
     """
     repo_id = validate_repo_id(repo_id)
     bundle_dir = Path(bundle_dir)
@@ -68,11 +70,11 @@ def push_bundle(bundle_dir: str | os.PathLike, repo_id: str, *, private: bool = 
     files = files_to_upload(bundle_dir)
     branch = revision or "main"
     retry = retry_command(bundle_dir, repo_id, private, revision)
-    problem = upload_blocker()
+    problem = upload_blocker(token)
     if problem:
         raise HubError(_intact(f"cannot push {bundle_dir} to {repo_id}: {problem}", bundle_dir, retry))
 
-    api = HfApi()
+    api = HfApi(token=token or None)
     failure: BaseException | None = None
     try:
         api.create_repo(repo_id, repo_type="model", private=True if private else None, exist_ok=True)
@@ -87,7 +89,7 @@ def push_bundle(bundle_dir: str | os.PathLike, repo_id: str, *, private: bool = 
     if failure is not None:
         # Raised outside the handler, so the Hub's exception (which holds the request and its
         # Authorization header) is neither the cause nor the context of ours.
-        raise HubError(_intact(f"push of {bundle_dir} to {repo_id} failed: {describe_failure(failure)}",
+        raise HubError(_intact(f"push of {bundle_dir} to {repo_id} failed: {describe_failure(failure, token)}",
                                bundle_dir, retry))
     return PushResult(repo_id, branch, getattr(info, "commit_url", str(info)), files)
 
