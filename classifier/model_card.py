@@ -186,8 +186,11 @@ class _CardFacts:
         return "\n\n".join(s for s in sections if s) + "\n"
 
     def _intro(self) -> str:
-        origin = (f"fine-tuned from [{self.base_model}](https://huggingface.co/{self.base_model})"
-                  if self.base_model else "trained from scratch")
+        base = f"[{self.base_model}](https://huggingface.co/{self.base_model})" if self.base_model else None
+        if base and (self.project.get("training") or {}).get("frozen_backbone"):  # taught in the app's Train tab
+            origin = f"a new classifier layer on the frozen backbone of {base}, trained"
+        else:
+            origin = f"fine-tuned from {base}" if base else "trained from scratch"
         parameters = self.project.get("parameters")
         size = f" ({parameters:,} parameters)" if parameters else ""
         lines = [f"# {self.model_name}", "",
@@ -207,6 +210,8 @@ class _CardFacts:
         m = self.metrics
         split, n = m.get("split", "test"), f"{m['num_samples']:,} images"
         origin = m.get("splits", {}).get("test", {}).get("origin", "")
+        if m.get("validated_on"):  # a taught model's: cross-validation, or the images held out of fine-tuning
+            return m["validated_on"]
         if split == "validation":
             return (f"validation split ({n}; the data has no test split of its own, and the one carved out of its "
                     "training images is smaller)")

@@ -92,7 +92,7 @@ class Taught:
         m = self.metrics
         return {"method": self.method, "classes": self.classes, "accuracy": m["accuracy"],
                 "accuracy_ci95": m["accuracy_ci95"], "num_samples": m["num_samples"],
-                "evaluated_on": m["evaluated_on"], "macro_f1": m["macro_f1"],
+                "validated_on": m["validated_on"], "macro_f1": m["macro_f1"],
                 "per_class": {c["class"]: {"accuracy": c["accuracy"], "images": c["support"]} for c in m["per_class"]},
                 "seconds": round(self.seconds, 2), "left_out": self.problems, "note": self.note}
 
@@ -100,7 +100,7 @@ class Taught:
         m = self.metrics
         low, high = m["accuracy_ci95"]
         wrong = m["num_samples"] - round(m["accuracy"] * m["num_samples"])
-        text = (f"**{m['accuracy']:.1%} right** (95% interval {low:.0%}-{high:.0%}) on {m['evaluated_on']}: "
+        text = (f"**{m['accuracy']:.1%} right** (95% interval {low:.0%}-{high:.0%}) on the {m['validated_on']}: "
                 f"{wrong} of {m['num_samples']} wrong. Ready in {self.seconds:.1f} s.")
         return text + (f" {self.note}" if self.note else "")
 
@@ -285,11 +285,11 @@ def _write_bundle(out: Path, model: nn.Module, embedder: Embedder, classes: list
     return out
 
 
-def _metrics(logits: torch.Tensor, targets: torch.Tensor, classes: list[str], evaluated_on: str,
+def _metrics(logits: torch.Tensor, targets: torch.Tensor, classes: list[str], validated_on: str,
              origin: str) -> dict:
     metrics = calibrated_metrics(logits, targets, logits, targets, classes)
     summary = split_summary(logits, targets, origin) | {"used_for": ["fitting the temperature"]}
-    metrics.update(split="validation", tta="none", splits={"validation": summary}, evaluated_on=evaluated_on,
+    metrics.update(split="validation", tta="none", splits={"validation": summary}, validated_on=validated_on,
                    split_rule=origin, val_accuracy=summary["accuracy"], val_accuracy_ci95=summary["accuracy_ci95"])
     return metrics
 
@@ -327,8 +327,9 @@ def teach(images: TeachingSet, out: str | Path, embedder: Embedder, progress: Pr
     progress(0.92, "fitting and cross-validating the head")
     folds = min(FOLDS, int(torch.bincount(targets).min()))
     oof = cross_validate(features, targets, len(classes), folds, l2)
-    evaluated_on = f"{len(paths)} images, each predicted by a head fitted without it ({folds}-fold cross-validation)"
-    metrics = _metrics(oof, targets, classes, evaluated_on,
+    validated_on = (f"{len(paths)} images taught (each predicted by a head fitted without it: {folds}-fold "
+                    f"cross-validation)")
+    metrics = _metrics(oof, targets, classes, validated_on,
                        f"out-of-fold predictions of {folds}-fold cross-validation over all the images")
     metrics["cross_validation"] = {"folds": folds, "num_samples": len(paths)}
     weight, bias = fit_head(features, targets, len(classes), l2)
@@ -337,7 +338,7 @@ def teach(images: TeachingSet, out: str | Path, embedder: Embedder, progress: Pr
     split = Split(paths, targets.numpy())
     evaluation = Evaluation(metrics, oof, targets, torch.arange(len(paths)))
     training = {"method": "a linear head (logistic regression, L-BFGS) on the frozen backbone's embeddings",
-                "l2": l2, "folds": folds, "class_weights": "inverse class frequency"}
+                "l2": l2, "folds": folds, "class_weights": "inverse class frequency", "frozen_backbone": True}
     _write_bundle(Path(out), model, embedder, classes, pcfg, source_size, evaluation, split, training)
     shown = [problems[i] for i in sorted(problems)]
     return Taught(Path(out), classes, metrics, time.perf_counter() - started, "head", shown)
@@ -437,8 +438,8 @@ def train_longer(images: TeachingSet, out: str | Path, work_dir: str | Path, emb
     if not better:
         return replace(taught, note=f"{stopped}Trained longer ({seconds:.0f} s): {compared}, so the head-only "
                                     "model is kept.")
-    evaluated_on = f"{len(val)} images held out of fine-tuning ({VAL_SHARE:.0%} of each class)"
-    metrics = _metrics(logits, val_targets, classes, evaluated_on,
+    validated_on = f"{len(val)} images held out of fine-tuning ({VAL_SHARE:.0%} of each class)"
+    metrics = _metrics(logits, val_targets, classes, validated_on,
                        "held out of fine-tuning; also used to choose the best epoch and to compare with the head alone")
     evaluation = Evaluation(metrics, logits, val_targets, val_indices)
     training = {"method": f"fine-tuned the whole network ({epochs} epochs, loop.fit) from the fitted head",

@@ -179,7 +179,8 @@ def test_teach_writes_a_bundle_that_predicts_the_new_classes(tmp_path, embedder)
     metrics = json.loads((tmp_path / "bundle" / "eval" / "metrics.json").read_text())
     assert metrics["accuracy"] == m["accuracy"]
     card = render_model_card(tmp_path / "bundle")
-    assert "cross-validation" in card and "16 images" in card
+    assert "On the 16 images taught (each predicted by a head fitted without it: 5-fold cross-validation) it" in card
+    assert "a new classifier layer on the frozen backbone of" in card
     # Embeddings are cached by content: teaching again embeds nothing.
     again = []
     teach(images, tmp_path / "bundle2", embedder, progress=lambda f, text: again.append(text))
@@ -231,3 +232,60 @@ def test_the_teacher_forgets_expired_models(tmp_path, embedder):
     assert teacher.forget_expired(now=model.made + 30) == []
     assert teacher.forget_expired(now=model.made + 61) == [model.name]
     assert registered == {} and not model.bundle_dir.exists() and not archive.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# The app: the `train` endpoint, then /classify with the taught model
+
+
+@pytest.fixture(scope="module")
+def app_client(tiny_bundle, tmp_path_factory):
+    import shutil
+    import socket
+
+    from gradio_client import Client
+
+    import app as app_module
+
+    models = tmp_path_factory.mktemp("models")
+    shutil.copytree(tiny_bundle, models / "shapes")
+    demo = app_module.build_app(models, teach_root=tmp_path_factory.mktemp("taught"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app_module.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield Client(f"http://127.0.0.1:{port}", verbose=False, download_files=False)
+    finally:
+        demo.close()
+
+
+def test_the_train_endpoint_teaches_from_a_zip_and_classify_uses_the_new_model(tmp_path, app_client):
+    from gradio_client import handle_file
+
+    make_set(tmp_path / "set", per_class=6)
+    archive = zip_folder(tmp_path / "set", tmp_path / "set.zip", extra={"square/broken.png": b"\x89PNG broken"})
+    name, figures = app_client.predict(handle_file(str(archive)), api_name="/train")
+    assert name.startswith("taught-circle-square-")
+    assert figures["classes"] == ["circle", "square"] and figures["num_samples"] == 12
+    assert figures["accuracy"] >= 0.75 and len(figures["accuracy_ci95"]) == 2
+    assert len(figures["left_out"]) == 1 and figures["left_out"][0].startswith("square/broken.png: ")
+    probe = tmp_path / "probe.jpg"
+    draw_shape("square", SIDE, np.random.default_rng(7)).save(probe)
+    label, headline, _ = app_client.predict(handle_file(str(probe)), name, api_name="/classify")
+    assert {c["label"] for c in label["confidences"]} == {"circle", "square"}
+    assert label["label"] == "square" and "square" in headline
+
+
+def test_the_train_endpoint_says_why_a_set_cannot_train(tmp_path, app_client):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    make_set(tmp_path / "set", per_class=4, kinds=("circle",))
+    archive = zip_folder(tmp_path / "set", tmp_path / "one.zip")
+    with pytest.raises(AppError, match="at least two classes"):
+        app_client.predict(handle_file(str(archive)), api_name="/train")
+    junk = tmp_path / "junk.zip"
+    junk.write_bytes(b"hello")
+    with pytest.raises(AppError, match="not a readable zip"):
+        app_client.predict(handle_file(str(junk)), api_name="/train")
