@@ -100,7 +100,8 @@ class Taught:
         m = self.metrics
         low, high = m["accuracy_ci95"]
         wrong = m["num_samples"] - round(m["accuracy"] * m["num_samples"])
-        text = (f"**{m['accuracy']:.1%} right** (95% interval {low:.0%}-{high:.0%}) on the {m['validated_on']}: "
+        shown = f"{m['accuracy']:.1%}" if m["num_samples"] >= 200 else f"{m['accuracy']:.0%}"  # no false precision
+        text = (f"**{shown} right** (95% interval {low:.0%}-{high:.0%}) on the {m['validated_on']}: "
                 f"{wrong} of {m['num_samples']} wrong. Ready in {self.seconds:.1f} s.")
         return text + (f" {self.note}" if self.note else "")
 

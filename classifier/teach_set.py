@@ -125,7 +125,7 @@ def summary_rows(images: TeachingSet, limits: Limits = LIMITS) -> list[list]:
     rows = []
     for name, files in images.items():
         need = limits.min_images_per_class - len(files)
-        note = f"add {need} more" if need > 0 else ("ready; 10 or more do better" if len(files) < 10 else "ready")
+        note = f"add {need} more" if need > 0 else ("ready, 10+ help" if len(files) < 10 else "ready")
         rows.append([name, len(files), note])
     return rows
 
