@@ -241,9 +241,11 @@ def train_tab(teacher: Teacher, model: gr.Dropdown, shipped: list[str]) -> None:
             files = gr.File(file_count="multiple", file_types=["image"], label="Images of this class",
                             elem_id="teach-files")
             add = gr.Button("Add images to this class", elem_id="teach-add")
-            with gr.Accordion("Webcam", open=False):
-                webcam = gr.Image(sources=["webcam"], type="filepath", label="Webcam", height=240)
-                capture = gr.Button("Add this frame to the class")
+            with gr.Accordion("Webcam or paste, one image at a time", open=False):
+                # Teachable Machine's capture: take a frame (or paste an image), add it, take the next.
+                webcam = gr.Image(sources=["webcam", "clipboard"], type="filepath", label="Webcam or pasted image",
+                                  height=240)
+                capture = gr.Button("Add this image to the class")
             archive = gr.File(file_types=[".zip"], label="Or a zip of class folders (<class>/<image>)",
                               elem_id="teach-zip")
         with gr.Column():
@@ -280,7 +282,8 @@ def train_tab(teacher: Teacher, model: gr.Dropdown, shipped: list[str]) -> None:
 
     def add_frame(state: dict, name: str, frame: str | None):
         if not frame:
-            raise gr.Error("start the webcam and take a photo first", title="No frame", print_exception=False)
+            raise gr.Error("take a photo with the webcam (or paste an image) first", title="No image",
+                           print_exception=False)
         return add_files(state, name, [frame])
 
     def add_zip(state: dict, uploaded):

@@ -517,6 +517,25 @@ def test_a_rejected_push_keeps_the_bundle_and_never_shows_the_token(token, monke
     assert fingerprint(bundle) == before
 
 
+@pytest.mark.parametrize("token", [TOKEN, ODD_TOKEN])
+def test_a_token_given_for_one_push_is_used_and_never_shown(token, monkeypatch, tmp_path, bundle, capsys, caplog):
+    """The app's Train tab pushes with the person's own token (a password field), not the machine's
+    login: no HF_TOKEN here, and the token must reach the Hub and appear in no message."""
+    with FakeHub(token) as fake, caplog.at_level(logging.DEBUG):
+        point_hub_client_at(monkeypatch, tmp_path / "hf-home", fake.endpoint, token=None)
+        with pytest.raises(hub.HubError, match="no Hugging Face token"):
+            publish.push_bundle(bundle, "alice/shapes-cnn")
+        done = publish.push_bundle(bundle, "alice/shapes-cnn", token=token)
+        assert done.repo_id == "alice/shapes-cnn" and "config.json" in fake.files_at("alice/shapes-cnn")
+        fake.reject = (403, "token in '{auth}' may not write to alice")  # a server quoting the header
+        with pytest.raises(hub.HubError) as caught:
+            publish.push_bundle(bundle, "alice/shapes-cnn", token=token)
+    out = capsys.readouterr()
+    assert "403" in str(caught.value)
+    assert_token_nowhere(token, str(caught.value), "".join(traceback.format_exception(caught.value)), out.out,
+                         out.err, caplog.text, folders=(tmp_path,))
+
+
 def test_no_token_offline_or_no_network_say_so_before_anything_is_sent(monkeypatch, tmp_path, bundle):
     from huggingface_hub import constants
 
