@@ -14,12 +14,12 @@ from typing import NamedTuple
 
 import gradio as gr
 import pandas as pd
-import torch
 
 from classifier import app_logic as logic
 from classifier.allocator import keep_freed_memory
 from classifier.bundle import CONFUSION_PNG, CURVES_PNG, SAMPLES_PNG
 from classifier.errors import BundleError, HubError, ImageError
+from classifier.serving import DEFAULT_RUNTIME, RUNTIMES
 
 MAX_FILE_SIZE = "10mb"  # a photo worth classifying is far smaller; bigger uploads are refused unread
 QUEUE_SIZE = 64  # requests waiting beyond this are turned away at once instead of timing out
@@ -54,10 +54,11 @@ class ModelView(NamedTuple):
 
 
 def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
-              examples_dir=logic.EXAMPLES_DIR) -> gr.Blocks:
+              examples_dir=logic.EXAMPLES_DIR, runtime: str = DEFAULT_RUNTIME,
+              threads: int | None = None) -> gr.Blocks:
     """The Blocks app, queued, with the default model loaded (so a broken default fails here, at
     start-up, with BundleError or HubError) and every other model loaded on first use."""
-    store = logic.ModelStore(logic.model_choices(models_dir, model_id))
+    store = logic.ModelStore(logic.model_choices(models_dir, model_id), runtime, threads)
     if not store.choices:
         raise BundleError(f"no model bundles in {models_dir} (each one a folder with config.json); "
                           "set MODEL_ID or --model to a bundle folder or a Hub id")
@@ -211,18 +212,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=os.environ.get("MODEL_ID"),
                         help="a bundle folder or Hub id (default: $MODEL_ID, else the best in assets/models)")
     parser.add_argument("--models-dir", default=str(logic.MODELS_DIR), help="folder of bundles for the dropdown")
+    parser.add_argument("--runtime", choices=RUNTIMES, default=os.environ.get("RUNTIME", DEFAULT_RUNTIME),
+                        help="torch, onnx (the bundles' model.onnx on onnxruntime) or auto: torch where installed, "
+                             "else onnx (default: $RUNTIME, else auto)")
     parser.add_argument("--host", default=None, help="default: $GRADIO_SERVER_NAME or 127.0.0.1")
     parser.add_argument("--port", type=int, default=None, help="default: $GRADIO_SERVER_PORT or 7860")
     args = parser.parse_args(argv)
     # Predictions reuse the memory the last one freed instead of faulting it in afresh, bounded so that
     # floods of large uploads do not grow the app (see classifier/allocator.py); before any thread starts.
     keep_freed_memory(serving=True)
+    # Split the cores between the predictions that may run at once, so they do not oversubscribe.
+    threads = max(1, (os.cpu_count() or 1) // CONCURRENCY)
     try:
-        app = build_app(args.models_dir, args.model)
+        app = build_app(args.models_dir, args.model, runtime=args.runtime, threads=threads)
     except (BundleError, HubError) as exc:
         sys.exit(f"app.py: cannot start: {exc}")
-    # Split the cores between the predictions that may run at once, so they do not oversubscribe.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // CONCURRENCY))
+    if "torch" in sys.modules:  # torch's threads are process-wide; onnxruntime's were set per session
+        sys.modules["torch"].set_num_threads(threads)
     launch(app, server_name=args.host, server_port=args.port)
 
 

@@ -16,13 +16,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import timm
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from classifier.bundle import (CARD_FILE, CONFIG_FILE, CONFUSION_PNG, CURVES_PNG, EVAL_DIR, METRICS_FILE,
                                MISTAKES_DIR, MISTAKES_FILE, lineage)
 from classifier.errors import BundleError
-from classifier.models import is_project_model
 from classifier.tta import describe_tta, tta_mode
 
 # The last line of every generated card. A card without it was edited by hand, and a push keeps
@@ -67,6 +65,8 @@ def base_model_id(config: dict) -> str | None:
     declared = config.get("classifier", {}).get("base_model")
     if not declared:
         return None
+    import timm  # here, not at the top: the app shows cards' facts without torch (serving a model.onnx)
+
     try:
         registered = timm.models.get_pretrained_cfg(declared.removeprefix("timm/"))
     except (RuntimeError, ValueError):
@@ -125,6 +125,10 @@ class _CardFacts:
         self.path = path
         self.config = json.loads(config_path.read_text())
         self.project: dict[str, Any] = self.config.get("classifier", {})
+        # Imported here: writing a card needs the model registry (torch), reading a card's facts does not.
+        from classifier.models import is_project_model
+
+        self.ours = is_project_model(self.config.get("architecture", ""))
         self.repo_id = repo_id or PLACEHOLDER_REPO
         self.metrics = self._read_json(f"{EVAL_DIR}/{METRICS_FILE}")
         self.mistakes = self._read_json(f"{EVAL_DIR}/{MISTAKES_FILE}") or []
@@ -162,7 +166,7 @@ class _CardFacts:
                            metric_value=round(float(self.metrics["macro_f1"]), 4), **common),
             ]
         tags = ["image-classification", "timm", "pytorch", "safetensors", self.architecture.split(".")[0]]
-        if is_project_model(self.architecture):
+        if self.ours:
             tags.append("classifier")  # needs `import classifier` to build; see the usage section
         return ModelCardData(
             library_name="timm",
@@ -380,7 +384,7 @@ class _CardFacts:
         t = (self.metrics or {}).get("calibration", {}).get("temperature", self.project.get("temperature", 1.0))
         channels = int(self.config.get("pretrained_cfg", {}).get("input_size", [3])[0])
         mode = "L" if channels == 1 else "RGB"
-        ours = is_project_model(self.architecture)
+        ours = self.ours
         register = "import classifier  # registers this project's CNNs with timm\n" if ours else ""
         note = (f"`{self.architecture}` is one of this project's own CNNs: `import classifier` first, so that timm "
                 "knows the architecture." if ours else
