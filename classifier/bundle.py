@@ -7,6 +7,8 @@ every file name in it, how it is read, written and checked, and the preprocessin
 expects (Bundle.eval_transform, built by classifier.transforms from config.json alone).
 
     model.safetensors     the weights (never a pickle)
+    model.onnx, onnx.json optional: the model exported for onnxruntime (classifier.export)
+    examples/             optional: example photos for the card's Hub widget
     config.json           architecture, label_names, model_args, pretrained_cfg (input size, mean,
                           std, interpolation, crop_pct), and this project's fields under "classifier"
     README.md             the model card (classifier.model_card)
@@ -31,6 +33,8 @@ import PIL
 import classifier
 from classifier import files, hub
 from classifier.errors import BundleError
+from classifier.onnx_runtime import INFO_FILE as ONNX_INFO_FILE
+from classifier.onnx_runtime import ONNX_FILE
 from classifier.tta import tta_mode
 
 if TYPE_CHECKING:
@@ -49,8 +53,12 @@ CONFUSION_JSON, CONFUSION_PNG = "confusion_matrix.json", "confusion_matrix.png"
 SAMPLES_PNG = "samples.png"  # a grid of predictions, right and wrong
 CURVES_PNG, HISTORY_FILE = "curves.png", "history.json"  # the training curves and their figures
 LR_FINDER_PNG = "lr_finder.png"  # with --lr auto: the range test's curve
-# What a bundle is, as file patterns: what is downloaded from the Hub and pushed to it.
-BUNDLE_PATTERNS = [CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, f"{EVAL_DIR}/*", f"{EVAL_DIR}/**"]
+EXAMPLES_DIR = "examples"  # optional: the bundle's own example photos, which its card's Hub widget offers
+# What a bundle is, as file patterns: what is downloaded from the Hub and pushed to it. model.onnx
+# (and onnx.json) where `python -m classifier export` wrote one: the card may name it as the way to load
+# the model without this project (classifier.model_card).
+BUNDLE_PATTERNS = [CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, ONNX_FILE, ONNX_INFO_FILE, f"{EVAL_DIR}/*", f"{EVAL_DIR}/**",
+                   f"{EXAMPLES_DIR}/*"]
 FORMAT_VERSION = 1
 # What a bundle's input may be, checked on load: one side beyond MAX_INPUT_SIDE px is a damaged or
 # hostile config.json (input_size 100000 made the first prediction grow to 23.7 GB), not a classifier
