@@ -65,6 +65,11 @@ RUNTIMES = ("torch", "onnx")
 # libraries (15 nvidia-* wheels and triton). pip takes the highest version over both indexes, and
 # "2.14.1+cpu" sorts above PyPI's "2.14.1", so the CPU build wins wherever the index answers.
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+# A model.onnx exported while staging is checked against torch on this many of the bundle's test
+# thumbnails (eval/mistakes/; a few seconds), and refused beyond this probability difference or on any
+# other top class: exports differ from torch by about 3e-6 (tests/test_export.py allows 1e-4).
+EXPORT_CHECK_IMAGES = 32
+EXPORT_TOLERANCE = 1e-4
 LOCK_DIR = "locks"  # tools/lock.py writes locks/space-RUNTIME.txt there
 LOCK_DIGEST = re.compile(r"^# from requirements sha256 ([0-9a-f]{64})$", re.MULTILINE)
 # Remote folders a deploy replaces wholesale, so a model dropped from the list leaves the Space.
@@ -214,9 +219,16 @@ def stage_bundle(bundle: Bundle, target: Path, runtime: str) -> None:
         (target / file).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(bundle.path / file, target / file)
     if runtime == "onnx" and not (bundle.path / ONNX_FILE).is_file():
-        from classifier.export import export_onnx  # torch's exporter: imported only when a bundle needs it
+        # torch's exporter, imported only when a bundle needs it
+        from classifier.export import bundle_sample_images, export_onnx, verify_onnx
 
-        export_onnx(bundle, target / ONNX_FILE)
+        path = export_onnx(bundle, target / ONNX_FILE)
+        images = bundle_sample_images(bundle, EXPORT_CHECK_IMAGES)
+        check = verify_onnx(bundle, path, images) if images else None
+        if check and (check["runtime_top1_agreement"] < 1.0 or check["runtime_max_abs_diff"] > EXPORT_TOLERANCE):
+            raise BundleError(f"{bundle.path}: its ONNX export answers unlike torch on {check['images']} of its test "
+                              f"images (top-1 agreement {check['runtime_top1_agreement']:.1%}, largest probability "
+                              f"difference {check['runtime_max_abs_diff']:.1e}); not deploying it")
 
 
 def staged_files(staging: Path) -> list[tuple[str, int]]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import gradio
 import pytest
 import torch
+from PIL import Image
 import yaml
 
 from classifier import app_logic, space
@@ -248,3 +249,22 @@ def test_a_space_takes_the_lock_only_while_it_matches_the_requirements(tmp_path)
     assert f"--extra-index-url {space.CPU_TORCH_INDEX}" in torch_ranges.splitlines()
     with pytest.raises(UserError, match="a Space serves on one of torch, onnx"):
         space.serving_requirements(tmp_path / "requirements.txt", runtime="jax")
+
+
+def test_an_export_that_answers_unlike_torch_is_not_deployed(bundles, tmp_path, monkeypatch):
+    import classifier.export
+
+    checked = []
+
+    def disagreeing(bundle, path, images):
+        checked.append(len(images))
+        return {"images": len(images), "runtime_top1_agreement": 0.5, "runtime_max_abs_diff": 0.3}
+
+    monkeypatch.setattr(classifier.export, "verify_onnx", disagreeing)
+    thumbnails = bundles[0] / "eval" / "mistakes"  # the test images a bundle's evaluation keeps
+    thumbnails.mkdir(parents=True, exist_ok=True)
+    for number in range(3):
+        Image.new("RGB", (32, 32), (number * 80, 0, 0)).save(thumbnails / f"x{number}.png")
+    with pytest.raises(BundleError, match="ONNX export answers unlike torch.*top-1 agreement 50.0%.*not deploying"):
+        space.stage_space(bundles[:1], tmp_path / "staging", "alice/shapes-demo", runtime="onnx")
+    assert checked and 0 < checked[0] <= space.EXPORT_CHECK_IMAGES  # the bundle's own test thumbnails

@@ -115,3 +115,21 @@ def test_predict_command_on_onnx_answers_as_on_torch(capsys):
     for ours, theirs in zip(answers["onnx"], answers["torch"]):
         assert list(ours["predictions"]) == list(theirs["predictions"])
         assert max(abs(ours["predictions"][k] - theirs["predictions"][k]) for k in theirs["predictions"]) < TOLERANCE
+
+
+PREDICT_WITHOUT_TORCH = APP_WITHOUT_TORCH.split("from classifier import app_logic")[0] + """
+from classifier.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_predict_command_serves_onnx_without_torch():
+    """`python -m classifier predict` on runtime auto, where torch cannot be imported: onnxruntime."""
+    done = subprocess.run([sys.executable, "-c", PREDICT_WITHOUT_TORCH, "predict", str(CNN), *EXAMPLES[:3], "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    answers = json.loads(done.stdout)
+    expected = Predictor(CNN).predict_batch(EXAMPLES[:3])
+    assert [next(iter(a["predictions"])) for a in answers] == [next(iter(e)) for e in expected]
