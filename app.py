@@ -14,13 +14,13 @@ from typing import NamedTuple
 
 import gradio as gr
 import pandas as pd
-import torch
 
 from classifier import app_logic as logic
 from classifier.allocator import keep_freed_memory
 from classifier.bundle import CONFUSION_PNG, CURVES_PNG, SAMPLES_PNG
-from classifier.errors import BundleError, DataError, HubError, ImageError
 from classifier import teach_set
+from classifier.errors import BundleError, DataError, HubError, ImageError
+from classifier.serving import DEFAULT_RUNTIME, RUNTIMES, torch_importable
 from classifier.teacher import TRAININGS_AT_ONCE, Teacher
 
 MAX_FILE_SIZE = "10mb"  # a photo worth classifying is far smaller; bigger uploads are refused unread
@@ -56,11 +56,12 @@ class ModelView(NamedTuple):
 
 
 def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
-              examples_dir=logic.EXAMPLES_DIR, teach_root=None) -> gr.Blocks:
+              examples_dir=logic.EXAMPLES_DIR, runtime: str = DEFAULT_RUNTIME,
+              threads: int | None = None, teach_root=None) -> gr.Blocks:
     """The Blocks app, queued, with the default model loaded (so a broken default fails here, at
     start-up, with BundleError or HubError) and every other model loaded on first use.
     `teach_root`: where the Train tab writes taught models (default: teacher.ROOT, in the temp dir)."""
-    store = logic.ModelStore(logic.model_choices(models_dir, model_id))
+    store = logic.ModelStore(logic.model_choices(models_dir, model_id), runtime, threads)
     shipped = list(store.names)
     teacher = Teacher(store.add, store.remove, **({"root": teach_root} if teach_root else {}))
     if not store.choices:
@@ -172,8 +173,9 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
             with gr.Row():
                 curves = gr.Image(initial.curves, label="Training curves", interactive=False)
                 samples = gr.Image(initial.samples, label="Test images with predictions", interactive=False)
-        with gr.Tab("Train"):
-            train_tab(teacher, model, shipped)
+        if torch_importable():  # training needs torch: a Space that serves ONNX alone has no Train tab
+            with gr.Tab("Train"):
+                train_tab(teacher, model, shipped)
 
         result = [label, headline, timing]
 
@@ -385,18 +387,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=os.environ.get("MODEL_ID"),
                         help="a bundle folder or Hub id (default: $MODEL_ID, else the best in assets/models)")
     parser.add_argument("--models-dir", default=str(logic.MODELS_DIR), help="folder of bundles for the dropdown")
+    parser.add_argument("--runtime", choices=RUNTIMES, default=os.environ.get("RUNTIME", DEFAULT_RUNTIME),
+                        help="torch, onnx (the bundles' model.onnx on onnxruntime) or auto: torch where installed, "
+                             "else onnx (default: $RUNTIME, else auto)")
     parser.add_argument("--host", default=None, help="default: $GRADIO_SERVER_NAME or 127.0.0.1")
     parser.add_argument("--port", type=int, default=None, help="default: $GRADIO_SERVER_PORT or 7860")
     args = parser.parse_args(argv)
     # Predictions reuse the memory the last one freed instead of faulting it in afresh, bounded so that
     # floods of large uploads do not grow the app (see classifier/allocator.py); before any thread starts.
     keep_freed_memory(serving=True)
+    # Split the cores between the predictions that may run at once, so they do not oversubscribe.
+    threads = max(1, (os.cpu_count() or 1) // CONCURRENCY)
     try:
-        app = build_app(args.models_dir, args.model)
+        app = build_app(args.models_dir, args.model, runtime=args.runtime, threads=threads)
     except (BundleError, HubError) as exc:
         sys.exit(f"app.py: cannot start: {exc}")
-    # Split the cores between the predictions that may run at once, so they do not oversubscribe.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // CONCURRENCY))
+    if "torch" in sys.modules:  # torch's threads are process-wide; onnxruntime's were set per session
+        sys.modules["torch"].set_num_threads(threads)
     launch(app, server_name=args.host, server_port=args.port)
 
 

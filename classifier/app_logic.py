@@ -18,12 +18,11 @@ from typing import Sequence
 
 from PIL import Image
 
-from classifier.bundle import CONFIG_FILE, EVAL_DIR, MISTAKES_FILE, Bundle, lineage, load_bundle
-from classifier.data import IMAGE_EXTENSIONS
+from classifier.bundle import CONFIG_FILE, EVAL_DIR, MISTAKES_FILE, Bundle, lineage
 from classifier.errors import BundleError, HubError, ImageError
-from classifier.images import ImageSource
+from classifier.images import IMAGE_EXTENSIONS, ImageSource
 from classifier.model_card import describe_ingredient
-from classifier.predict import Predictor
+from classifier.serving import DEFAULT_RUNTIME, load_predictor
 from classifier.tta import describe_tta
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +58,7 @@ def find_bundles(models_dir: str | os.PathLike = MODELS_DIR) -> dict[str, str]:
 
 
 def model_choices(models_dir: str | os.PathLike = MODELS_DIR, extra: str | None = None) -> dict[str, str]:
-    """{name shown in the dropdown: location for load_bundle}; `extra` (MODEL_ID or --model, a
+    """{name shown in the dropdown: location for load_predictor}; `extra` (MODEL_ID or --model, a
     folder or a Hub id) comes first, unless it is one of the shipped folders already."""
     shipped = find_bundles(models_dir)
     if not extra:
@@ -89,15 +88,18 @@ def default_model(choices: dict[str, str], requested: str | None = None,
 
 
 class ModelStore:
-    """Loads each bundle once, on first use, and keeps its Predictor for every later request.
+    """Loads each bundle once, on first use, and keeps its predictor for every later request.
 
+    The predictor comes from classifier.serving.load_predictor, on `runtime` ("auto", "torch" or
+    "onnx"): torch's Predictor or onnxruntime on the bundle's model.onnx, which answer alike.
     Gradio runs callbacks in worker threads, so two requests may ask for a model at the same time;
     a lock per model makes the second wait for the first load instead of loading it twice.
     """
 
-    def __init__(self, choices: dict[str, str]):
+    def __init__(self, choices: dict[str, str], runtime: str = DEFAULT_RUNTIME, threads: int | None = None):
         self.choices = dict(choices)
-        self._predictors: dict[str, Predictor] = {}
+        self.runtime, self.threads = runtime, threads
+        self._predictors: dict = {}
         self._locks = {name: threading.Lock() for name in self.choices}
 
     @property
@@ -109,17 +111,17 @@ class ModelStore:
             raise BundleError(f"unknown model {name!r}; choose one of {self.names}")
         return self.choices[name]
 
-    def get(self, name: str) -> Predictor:
+    def get(self, name: str):
+        """The model's Predictor (or BundleOnnxPredictor: the same interface), loaded on first use."""
         location = self.location(name)
         with self._locks[name]:
             if name not in self._predictors:
-                bundle = self._load(location)
-                # With the test-time augmentation the bundle was evaluated with (Predictor's
-                # default): its accuracy and temperature hold for those logits only.
-                predictor = Predictor(bundle)
-                # One throwaway prediction, so the first person to ask does not wait for PyTorch's
-                # lazy set-up (allocators, kernel choice), which made the first request several
-                # times slower.
+                # With the test-time augmentation the bundle was evaluated with (the default of
+                # both runtimes): its accuracy and temperature hold for those logits only.
+                predictor = self._load(location, self.runtime, self.threads)
+                # One throwaway prediction, so the first person to ask does not wait for the
+                # runtime's lazy set-up (allocators, kernel choice), which made the first request
+                # several times slower.
                 predictor.predict(Image.new("RGB", (64, 64)))
                 self._predictors[name] = predictor
             return self._predictors[name]
@@ -134,9 +136,9 @@ class ModelStore:
         self._predictors.pop(name, None)
 
     @staticmethod
-    def _load(location: str) -> Bundle:
+    def _load(location: str, runtime: str, threads: int | None):
         try:
-            return load_bundle(location)
+            return load_predictor(location, runtime, threads=threads)
         except (BundleError, HubError):
             raise
         except Exception as exc:  # an unknown architecture, corrupt safetensors: still the bundle's fault
@@ -185,7 +187,7 @@ class Prediction:
         return f"Predicted in **{self.seconds * 1000:.1f} ms** (decode, resize and model, on the CPU)"
 
 
-def classify(predictor: Predictor, image: ImageSource, top_k: int | None = None) -> Prediction:
+def classify(predictor, image: ImageSource, top_k: int | None = None) -> Prediction:
     """A timed, calibrated prediction; an unusable image raises ImageError naming the file by its
     own name (not the server's temporary path, which means nothing to the person uploading)."""
     start = time.perf_counter()
@@ -384,7 +386,8 @@ def model_summary(bundle: Bundle, location: str) -> str:
     project = bundle.project
     metrics = bundle.metrics()
     calibration = metrics.get("calibration", {})
-    parameters = project.get("parameters") or sum(p.numel() for p in bundle.model.parameters())
+    parameters = project.get("parameters") or (sum(p.numel() for p in bundle.model.parameters())
+                                               if bundle.model is not None else None)  # None: ONNX served
     dataset = project.get("dataset", "unknown")
     counts = [f"{project[k]:,} {k.removeprefix('num_')}" for k in ("num_train", "num_val", "num_test")
               if isinstance(project.get(k), int)]
@@ -396,7 +399,7 @@ def model_summary(bundle: Bundle, location: str) -> str:
     ece_after = calibration.get("ece_after", metrics.get("ece"))
     rows = [
         ("Architecture", f"`{bundle.architecture}`, {input_size} px input"),
-        ("Parameters", f"{parameters:,}"),
+        ("Parameters", f"{parameters:,}" if parameters else "not recorded"),
         ("Classes", ", ".join(bundle.label_names)),
         ("Dataset", dataset),
         ("Pretrained from", base),

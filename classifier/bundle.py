@@ -7,6 +7,8 @@ every file name in it, how it is read, written and checked, and the preprocessin
 expects (Bundle.eval_transform, built by classifier.transforms from config.json alone).
 
     model.safetensors     the weights (never a pickle)
+    model.onnx, onnx.json optional: the model exported for onnxruntime (classifier.export)
+    examples/             optional: example photos for the card's Hub widget
     config.json           architecture, label_names, model_args, pretrained_cfg (input size, mean,
                           std, interpolation, crop_pct), and this project's fields under "classifier"
     README.md             the model card (classifier.model_card)
@@ -22,22 +24,22 @@ import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import PIL
-import timm
-import torch
-import torchvision
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-from torch import nn
 
+# torch, timm and the modules built on them are imported where a model is built or saved, not here:
+# the app serving a model.onnx reads a bundle's config, eval/ and card without torch installed.
 import classifier
 from classifier import files, hub
 from classifier.errors import BundleError
-from classifier.models import create_model
-from classifier.transforms import eval_transform
+from classifier.onnx_runtime import INFO_FILE as ONNX_INFO_FILE
+from classifier.onnx_runtime import ONNX_FILE
 from classifier.tta import tta_mode
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -51,8 +53,12 @@ CONFUSION_JSON, CONFUSION_PNG = "confusion_matrix.json", "confusion_matrix.png"
 SAMPLES_PNG = "samples.png"  # a grid of predictions, right and wrong
 CURVES_PNG, HISTORY_FILE = "curves.png", "history.json"  # the training curves and their figures
 LR_FINDER_PNG = "lr_finder.png"  # with --lr auto: the range test's curve
-# What a bundle is, as file patterns: what is downloaded from the Hub and pushed to it.
-BUNDLE_PATTERNS = [CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, f"{EVAL_DIR}/*", f"{EVAL_DIR}/**"]
+EXAMPLES_DIR = "examples"  # optional: the bundle's own example photos, which its card's Hub widget offers
+# What a bundle is, as file patterns: what is downloaded from the Hub and pushed to it. model.onnx
+# (and onnx.json) where `python -m classifier export` wrote one: the card may name it as the way to load
+# the model without this project (classifier.model_card).
+BUNDLE_PATTERNS = [CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, ONNX_FILE, ONNX_INFO_FILE, f"{EVAL_DIR}/*", f"{EVAL_DIR}/**",
+                   f"{EXAMPLES_DIR}/*"]
 FORMAT_VERSION = 1
 # What a bundle's input may be, checked on load: one side beyond MAX_INPUT_SIDE px is a damaged or
 # hostile config.json (input_size 100000 made the first prediction grow to 23.7 GB), not a classifier
@@ -67,7 +73,7 @@ _WEIGHT_SOURCE_KEYS = ("url", "hf_hub_id", "hf_hub_filename", "file", "state_dic
 
 @dataclass
 class Bundle:
-    model: nn.Module
+    model: nn.Module | None  # None: read by read_bundle, for serving its model.onnx instead
     config: dict
     path: Path
 
@@ -111,6 +117,8 @@ class Bundle:
 
     def eval_transform(self):
         """THE preprocessing of this model (classifier.transforms.eval_transform), from config.json alone."""
+        from classifier.transforms import eval_transform
+
         return eval_transform(self.pretrained_cfg, self.source_image_size)
 
     def eval_metrics(self) -> dict | None:
@@ -150,6 +158,10 @@ def lineage(project: dict) -> list[dict]:
 
 
 def library_versions() -> dict:
+    import timm
+    import torch
+    import torchvision
+
     return {"classifier": classifier.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "timm": timm.__version__, "pillow": PIL.__version__, "python": platform.python_version()}
 
@@ -177,6 +189,8 @@ def make_config(model: nn.Module, *, architecture: str, label_names: Sequence[st
 
 def save_bundle(path: str | os.PathLike, model: nn.Module, config: dict) -> Path:
     """Write weights and config; the eval/ folder is written beside them by evaluate.save_report."""
+    import torch
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -224,6 +238,10 @@ def _check_preprocessing(config_path: Path, pcfg: dict) -> None:
 
 def _load_weights(weights: Path) -> dict[str, torch.Tensor]:
     """The tensors of a bundle's safetensors file, all finite; BundleError for a damaged or foreign file."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError) as exc:
@@ -236,7 +254,8 @@ def _load_weights(weights: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _read_config(path: Path) -> dict:
+def _read_config(path: Path, needs_weights: bool = True) -> dict:
+    """config.json, checked; `needs_weights`: and the safetensors beside it (not for serving a model.onnx)."""
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise BundleError(f"{path}: not a model bundle (no {CONFIG_FILE})")
@@ -254,7 +273,7 @@ def _read_config(path: Path) -> dict:
         if key not in config["pretrained_cfg"]:
             raise BundleError(f"{config_path}: pretrained_cfg has no {key}")
     _check_preprocessing(config_path, config["pretrained_cfg"])
-    if not (path / WEIGHTS_FILE).is_file():
+    if needs_weights and not (path / WEIGHTS_FILE).is_file():
         raise BundleError(f"{path}: no {WEIGHTS_FILE} (weights travel as safetensors only)")
     return config
 
@@ -282,9 +301,19 @@ def read_config(location: str | os.PathLike, revision: str | None = None) -> dic
     return _read_config(resolve_location(location, revision))
 
 
+def read_bundle(location: str | os.PathLike, *, revision: str | None = None) -> Bundle:
+    """A bundle's config and files without its model (Bundle.model is None) and without torch: what
+    serving its exported model.onnx needs besides the graph (names, metrics, eval/ for the app); a
+    Space serving ONNX ships no safetensors."""
+    path = resolve_location(location, revision)
+    return Bundle(None, _read_config(path, needs_weights=False), path)
+
+
 def load_bundle(location: str | os.PathLike, *, revision: str | None = None,
                 device: str | torch.device = "cpu") -> Bundle:
     """Rebuild the model of a bundle from its config and weights alone (no training data needed)."""
+    from classifier.models import create_model
+
     path = resolve_location(location, revision)
     config = _read_config(path)
     model_args: dict[str, Any] = dict(config.get("model_args", {}))

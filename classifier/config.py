@@ -24,8 +24,8 @@ from pathlib import Path
 import yaml
 
 from classifier.errors import ConfigError
-from classifier.models import is_project_model
-from classifier.runtime import bf16_is_fast
+# classifier.models and classifier.runtime (torch) are imported where used: `predict` reads this
+# module's defaults through classifier.cli.common, and serves a model.onnx where torch is absent.
 
 RUN_CONFIG_FILE = "config.yaml"  # a run's resolved configuration, in its --out folder
 
@@ -87,6 +87,8 @@ class RunConfig:
     command: str | None = None  # the command line that made this run, for the model card
 
     def resolved_pretrained(self) -> bool:
+        from classifier.models import is_project_model
+
         return (not is_project_model(self.model)) if self.pretrained is None else self.pretrained
 
     def resolved_lr(self, fine_tuning: bool = False) -> float:
@@ -210,6 +212,8 @@ def apply_recipe(values: dict, given: set[str] | frozenset[str] = frozenset()) -
     out = dict(values, recipe=name)
     if name in ("none", "auto"):  # "auto": not yet (the model is still to be chosen)
         return out
+    from classifier.runtime import bf16_is_fast
+
     preset = dict(RECIPES[name], amp="bf16" if bf16_is_fast(str(values.get("device", "auto"))) else "auto")
     out.update({key: value for key, value in preset.items() if key not in given})
     if "lr" not in given:

@@ -38,11 +38,10 @@ from tqdm.auto import tqdm
 from classifier import hf_data
 from classifier.errors import DataError, ImageError, StorageError
 from classifier.files import atomic_write, storage_error
-from classifier.images import open_image
+from classifier.images import list_images, open_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLIT_DIR_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 SMALL_IMAGE_MAX_SIDE = 64  # at or below this, images are decoded once into memory and padded-cropped
 # The typical image size is read from the headers of this many training images (all of them when
@@ -230,13 +229,6 @@ def _resolve_dir(path: str | os.PathLike) -> Path:
         if len(children) == 1 and children[0].is_dir() and not _find_split_dirs(path):
             path = children[0]
     return path
-
-
-def list_images(folder: Path) -> list[str]:
-    """Every image file under `folder` (any depth, IMAGE_EXTENSIONS), as sorted path strings."""
-    return sorted(
-        str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
 
 
 def _find_split_dirs(root: Path) -> dict[str, Path]:

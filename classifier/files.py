@@ -24,9 +24,6 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-import safetensors.torch
-import torch
-
 from classifier.errors import StorageError
 
 _OS_ERROR_IN_MESSAGE = re.compile(r"os error (\d+)")  # how Rust (safetensors) reports an OSError
@@ -107,6 +104,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], what: s
 
 def save_torch(obj, path: str | os.PathLike, what: str, remedy: str = "") -> Path:
     """torch.save, atomically. Through a Python file, whose OSError torch keeps as the context of its own."""
+    import torch  # here, not at the top: bundle.py reads configs through this module where torch is absent
+
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -116,6 +115,8 @@ def save_torch(obj, path: str | os.PathLike, what: str, remedy: str = "") -> Pat
 def save_safetensors(tensors: dict, path: str | os.PathLike, what: str, remedy: str = "",
                      metadata: dict | None = None) -> Path:
     """safetensors' save_file, atomically, with the mode other files get."""
+    import safetensors.torch  # as in save_torch: writing weights is the only use of torch here
+
     return atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata),
                         what, remedy)
 

@@ -22,8 +22,17 @@ from classifier.errors import ImageError
 # Pillow's own default (about 89 megapixels) warns at 1x and raises at 2x. We raise at 1x: a
 # classifier never needs more pixels than that, and a 90 MP upload is almost certainly hostile.
 MAX_IMAGE_PIXELS = 89_478_485
+# The files the library reads as images (dataset folders, predict's folders, the app's examples).
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 ImageSource = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray]
+
+
+def list_images(folder: Path) -> list[str]:
+    """Every image file under `folder` (any depth, IMAGE_EXTENSIONS), as sorted path strings."""
+    return sorted(
+        str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
 
 
 def _describe(source) -> str:

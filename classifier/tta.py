@@ -14,8 +14,15 @@ bool, and True meant "flip-shift".
 
 from __future__ import annotations
 
-from torch import Tensor, nn
-from torch.nn import functional as F
+try:
+    from torch import Tensor, nn
+    from torch.nn import functional as F
+except ModuleNotFoundError as exc:
+    # Serving a model.onnx needs no torch (its TTA is in the graph), but the app still names the
+    # bundle's mode (TTA_MODES, describe_tta); any other missing module is a real error.
+    if exc.name != "torch":
+        raise
+    nn = None
 
 TTA_MODES = {
     "none": "no",
@@ -57,12 +64,13 @@ def tta_logits(model: nn.Module, x: Tensor, mode: bool | str | None = "flip-shif
     return (_with_mirror(model, x) + shifted) / 2
 
 
-class TTA(nn.Module):
-    """`model` with test-time augmentation, as a module that evaluation code takes."""
+if nn is not None:
+    class TTA(nn.Module):
+        """`model` with test-time augmentation, as a module that evaluation code takes."""
 
-    def __init__(self, model: nn.Module, mode: bool | str | None = "flip-shift"):
-        super().__init__()
-        self.model, self.mode = model, tta_mode(mode)
+        def __init__(self, model: nn.Module, mode: bool | str | None = "flip-shift"):
+            super().__init__()
+            self.model, self.mode = model, tta_mode(mode)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return tta_logits(self.model, x, self.mode)
+        def forward(self, x: Tensor) -> Tensor:
+            return tta_logits(self.model, x, self.mode)

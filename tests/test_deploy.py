@@ -4,7 +4,9 @@ serves those bundles. Nothing here touches the network."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 import gradio
 import pytest
 import torch
+from PIL import Image
 import yaml
 
 from classifier import app_logic, space
@@ -176,3 +179,92 @@ def test_deploy_failures_are_clear_and_never_show_the_token(monkeypatch, bundles
     err = capsys.readouterr().err
     assert "error: deploy to alice/shapes-demo failed" in err and "403" in err
     assert_token_nowhere(TOKEN, err)
+
+
+# The staged ONNX Space, run where torch, torchvision and timm cannot be imported (its requirements
+# install none of them): the app starts on runtime auto and classifies through its own logic.
+ONNX_SPACE_STARTS = """
+import importlib.abc, json, sys
+
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("torch", "torchvision", "timm"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NoTorch())
+import app, classifier
+from classifier import app_logic
+assert classifier.__file__.startswith(sys.argv[1]), classifier.__file__
+app.build_app(threads=1)  # loads the default model, as the Space does at start-up
+store = app_logic.ModelStore(app_logic.model_choices(), threads=1)
+answer = app_logic.classify(store.get("shapes-a"), sys.argv[2]).probabilities
+loaded = sorted(m for m in sys.modules if m.partition(".")[0] in ("torch", "torchvision", "timm"))
+print(json.dumps({"kind": type(store.get("shapes-a")).__name__, "answer": answer, "loaded": loaded}))
+"""
+
+
+def test_an_onnx_space_installs_no_torch_and_serves_without_it(bundles, tmp_path):
+    from classifier.predict import Predictor
+
+    staging = tmp_path / "staging"
+    files = dict(space.stage_space(bundles[:1], staging, "alice/shapes-demo", runtime="onnx"))
+    model_files = {p.removeprefix("assets/models/shapes-a/") for p in files if p.startswith("assets/models/shapes-a/")}
+    assert {"model.onnx", "onnx.json", "config.json"} <= model_files  # exported while staging
+    assert "model.safetensors" not in model_files and not (bundles[0] / "model.onnx").exists()
+    requirements = (staging / "requirements.txt").read_text()
+    names = {re.split(r"[<>=]", line)[0].lower() for line in requirements.splitlines()
+             if line and not line.startswith(("#", "-"))}
+    assert "onnxruntime" in names and "pandas" in names
+    assert not names & {"torch", "torchvision", "timm", "optuna", "matplotlib", "gradio"}
+    assert "extra-index-url" not in requirements
+
+    image = app_logic.example_images()[0]  # a photo: the tiny bundle's classes are shapes, but any image serves
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", ONNX_SPACE_STARTS, str(staging), image], cwd=staging,
+                          capture_output=True, text=True, timeout=240,
+                          env={**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(staging)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["loaded"] == [] and result["kind"] == "BundleOnnxPredictor"
+    expected = Predictor(bundles[0]).predict(image)
+    assert next(iter(result["answer"])) == next(iter(expected))
+    assert max(abs(result["answer"][k] - expected[k]) for k in expected) < 1e-4
+
+
+def test_a_space_takes_the_lock_only_while_it_matches_the_requirements(tmp_path):
+    shutil.copy(ROOT / "requirements.txt", tmp_path / "requirements.txt")
+    ranges = space.serving_requirements(tmp_path / "requirements.txt", runtime="onnx")
+    text, source = space.space_requirements("onnx", tmp_path)
+    assert text == ranges and "no locks/space-onnx.txt" in source
+    (tmp_path / "locks").mkdir()
+    lock = (f"# Serving the demo app only, every package pinned\n"
+            f"# from requirements sha256 {space.requirements_digest(ranges)}\nonnxruntime==1.32.0\n")
+    (tmp_path / "locks" / "space-onnx.txt").write_text(lock)
+    assert space.space_requirements("onnx", tmp_path) == (lock, "locks/space-onnx.txt")
+    with open(tmp_path / "requirements.txt", "a") as f:
+        f.write("pandas>=3\n")  # the ranges changed after the lock was made
+    text, source = space.space_requirements("onnx", tmp_path)
+    assert "pandas>=3" in text and "was made from other requirements; run tools/lock.py" in source
+    torch_ranges = space.serving_requirements(tmp_path / "requirements.txt", runtime="torch")
+    assert f"--extra-index-url {space.CPU_TORCH_INDEX}" in torch_ranges.splitlines()
+    with pytest.raises(UserError, match="a Space serves on one of torch, onnx"):
+        space.serving_requirements(tmp_path / "requirements.txt", runtime="jax")
+
+
+def test_an_export_that_answers_unlike_torch_is_not_deployed(bundles, tmp_path, monkeypatch):
+    import classifier.export
+
+    checked = []
+
+    def disagreeing(bundle, path, images):
+        checked.append(len(images))
+        return {"images": len(images), "runtime_top1_agreement": 0.5, "runtime_max_abs_diff": 0.3}
+
+    monkeypatch.setattr(classifier.export, "verify_onnx", disagreeing)
+    thumbnails = bundles[0] / "eval" / "mistakes"  # the test images a bundle's evaluation keeps
+    thumbnails.mkdir(parents=True, exist_ok=True)
+    for number in range(3):
+        Image.new("RGB", (32, 32), (number * 80, 0, 0)).save(thumbnails / f"x{number}.png")
+    with pytest.raises(BundleError, match="ONNX export answers unlike torch.*top-1 agreement 50.0%.*not deploying"):
+        space.stage_space(bundles[:1], tmp_path / "staging", "alice/shapes-demo", runtime="onnx")
+    assert checked and 0 < checked[0] <= space.EXPORT_CHECK_IMAGES  # the bundle's own test thumbnails

