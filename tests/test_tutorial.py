@@ -62,7 +62,7 @@ def test_after_the_run_the_reported_figure_is_beside_the_measured_one(tiny_bundl
     assert drawn == [tiny_bundle]
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("lesson 'apparel': reported 71% test accuracy (about 72% validation); measured ")
-    assert "% test accuracy (" in line.split("measured ")[1]
+    assert "% test accuracy, n=" in line.split("measured ")[1]
 
 
 def test_measured_says_so_when_there_is_no_bundle(tmp_path):
@@ -175,7 +175,8 @@ def _figures_and_line(out: str, folder: Path, name: str, architecture: str, colo
     assert {"conv_filters.png", "edges.png", "feature_maps.png"} <= drawn
     assert ("channels.png" in drawn) == colour
     last = out.strip().splitlines()[-1]
-    assert last.startswith(f"lesson '{name}': reported ") and f"% test accuracy ({Path('runs')}" in last
+    assert last.startswith(f"lesson '{name}': reported ") and "% test accuracy, n=" in last
+    assert last.endswith(f"{folder.name}/bundle)")  # the bundle it measured: the lesson's, not an earlier step's
 
 
 def test_the_cifar10_lesson_runs(tmp_path, monkeypatch, capsys, one_torch_thread):
@@ -211,6 +212,7 @@ def test_the_tuning_lesson_searches_then_retrains_the_winner(tmp_path, monkeypat
     assert len(list((folder / "trials").iterdir())) == 2  # trials=2: the grid's first two points
     config = json.loads((folder / "best" / "bundle" / "config.json").read_text())
     assert config["model_args"]["c1"] == 32 and config["model_args"]["l1"] in (128, 256)
+    assert config["classifier"]["training"]["patience"] == 3  # the winner's run stops early (--retrain-patience)
     _figures_and_line(out, folder / "best", "tuning", "tutorial_tuning_cnn")
     with Image.open(folder / "best" / "figures" / "conv_filters.png") as image:  # four panels: a tall figure
         assert image.height > image.width

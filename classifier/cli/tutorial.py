@@ -74,7 +74,8 @@ def made_bundle(planned: recipe.Recipe) -> Path | None:
 
 
 def measured(bundle: Path | None) -> str:
-    """The test accuracy of `bundle`, as the bundle recorded it."""
+    """The accuracy of `bundle` on the split its evaluation shows (test, or the larger validation
+    split when the test split was carved from a few training images), as the bundle recorded it."""
     if bundle is None:
         return "not measured (the recipe trains nothing)"
     try:  # Bundle.metrics() without the weights: only the recorded figures are needed
@@ -82,7 +83,11 @@ def measured(bundle: Path | None) -> str:
     except (*USER_ERRORS, OSError, ValueError) as exc:  # no bundle, or damaged: say so rather than fail after a whole run
         return f"not measured ({bundle}: {exc})"
     accuracy = metrics.get("accuracy")
-    return f"{accuracy:.2%} test accuracy ({bundle})" if accuracy is not None else f"not measured ({bundle})"
+    if accuracy is None:
+        return f"not measured ({bundle})"
+    n = metrics.get("num_samples")
+    size = f", n={n:,}" if isinstance(n, int) else ""  # a bundle of an older format may lack it
+    return f"{accuracy:.2%} {metrics.get('split', 'test')} accuracy{size} ({bundle})"
 
 
 def figures(bundle: Path) -> int:
