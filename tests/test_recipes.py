@@ -105,3 +105,28 @@ def test_the_apparel_recipe_trains_the_lesson_net(tmp_path, capsys, one_torch_th
     bundle = json.loads((out / "bundle" / "config.json").read_text())
     assert bundle["architecture"] == "tutorial_apparel_cnn" and bundle["pretrained_cfg"]["input_size"] == [1, 28, 28]
     assert "2,174 parameters" in capsys.readouterr().out
+
+
+def test_a_search_step_takes_set_as_its_own_options_or_as_every_trials_setting(tmp_path, capsys):
+    """--set reaches a search step as the option it has (data_dir, trials), or else as a fixed
+    setting of every trial (batch_size); the grid may be spelt by its flag's name."""
+    file = tmp_path / "recipe.yaml"
+    file.write_text(yaml.safe_dump({"steps": [{"search": {
+        "model": "tutorial_tuning_cnn", "grid": ["c1=16,32", "l1=64"], "set": ["lr=0.01"], "out": "runs/s"}}]}))
+    assert recipe.main([str(file), "--dry-run", "--set", "data_dir=x", "--set", "batch_size=64",
+                        "--set", "trials=1"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("python -m classifier search ") and "--grid c1=16,32 l1=64 " in line
+    assert "--data-dir x" in line and "--trials 1" in line and "--set lr=0.01 batch_size=64 " in line
+    assert recipe.step_state("search", {"out": str(tmp_path), "retrain_best": True}) == "new"
+
+
+@pytest.mark.parametrize("lesson, message", [
+    ({"reported": "x", "needs": ["data"]}, "needs must be a mapping"),
+    ({"reported": "x", "needs": {"photos": "where they are"}}, "unknown setting 'photos'"),
+])
+def test_a_lessons_needs_are_settings_with_what_they_are(tmp_path, capsys, lesson, message):
+    file = tmp_path / "recipe.yaml"
+    file.write_text(yaml.safe_dump({"lesson": lesson, "steps": [{"train": {"epochs": 1}}]}))
+    assert recipe.main([str(file), "--dry-run"]) == 2
+    assert message in capsys.readouterr().err

@@ -92,6 +92,23 @@ def test_model_command_compares_and_draws(tmp_path, capsys):
     assert "207x" in (out / "comparison.md").read_text()
 
 
+def test_network_figures_draw_every_conv_layer_and_one_images_channels(tmp_path):
+    from classifier.reports.model import CHANNEL_VALUES_SIDE, centre_crop, input_image, plot_network_figures
+
+    photo = Image.new("RGB", (50, 40), (200, 30, 30))
+    model, size = model_from_name("tutorial_tuning_cnn", 10)
+    drawn = plot_network_figures(model, photo, size, tmp_path / "colour")
+    assert set(drawn) == {"conv_filters", "channels", "edges"} and all(p.is_file() for p in drawn.values())
+    with Image.open(drawn["conv_filters"]) as filters:  # a panel for each of the four convolutions
+        assert filters.height > filters.width
+    # the channels are the pixels at the network's input size, cropped to where values are legible
+    assert centre_crop(input_image(photo, size), CHANNEL_VALUES_SIDE).size == (16, 16)
+    grey, grey_size = model_from_name("tutorial_apparel_cnn", 10, in_chans=1)
+    assert set(plot_network_figures(grey, photo.convert("L"), grey_size, tmp_path / "grey")) == {"conv_filters", "edges"}
+    mlp, mlp_size = model_from_name("tutorial_mlp", 2)
+    assert plot_network_figures(mlp, None, mlp_size, tmp_path / "mlp") == {}  # no filters, no image
+
+
 def test_model_command_on_a_bundle_with_an_image(tiny_bundle, tmp_path, capsys):
     image = tmp_path / "photo.png"
     Image.new("RGB", (50, 40), (200, 30, 30)).save(image)

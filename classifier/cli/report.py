@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=DEFAULTS.seed)
     d.add_argument("--out", default="runs/reports/data")
 
-    m = sub.add_parser("model", help="parameters per layer, first-layer filters, feature maps of one image",
+    m = sub.add_parser("model", help="parameters per layer, filters, one image's channels, edges and feature maps",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     source = m.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", nargs="+", help="one model name, or several to compare side by side")
@@ -137,6 +137,7 @@ def model_command(args) -> int:
         image, image_path = _feature_image(args, size[0])
         maps = mr.plot_feature_maps(model, image, transform, folder / "feature_maps.png") if image else None
         pictures += [p for p in (filters, maps) if p]
+        pictures += mr.plot_network_figures(model, image, size, folder).values()
         markdown = mr.to_markdown(layers)
         if not filters:
             markdown += "\nNo convolution: every input pixel has its own weights, so there are no filters to show.\n"

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("retraining the winner")
     g.add_argument("--retrain-best", action="store_true", help="after the search, train the best trial for --epochs")
     g.add_argument("--epochs", type=int, default=30, help="epochs for --retrain-best")
+    g.add_argument("--retrain-patience", type=int, default=None,
+                   help="early stopping for --retrain-best: stop after this many epochs without a better "
+                        "val loss and keep the best (default: none, all --epochs)")
     g = p.add_argument_group("running")
     g.add_argument("--out", default="runs/search", help="search.db, results.md/.csv, trials/, and best/ (the bundle)")
     add_running_options(p, g)
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nresults: {config.out / 'results.md'}, {config.out / 'results.csv'}")
         if args.retrain_best:
             logging.getLogger("classifier").setLevel(logging.INFO)  # the epochs of the real run, as train shows them
-            best, result = retrain_best(config, args.epochs, records=records)
+            best, result = retrain_best(config, args.epochs, patience=args.retrain_patience, records=records)
             print(f"\nretrained trial {best.number} ({' '.join(f'{k}={v}' for k, v in best.params.items())}) "
                   f"for {args.epochs} epochs")
             print(summarize(result))

@@ -6,7 +6,10 @@
 
 A lesson is the recipe recipes/tutorial-NAME.yaml, run exactly as `python -m classifier recipe` runs
 it; its `lesson: {reported: ...}` field is the figure the lesson reported, printed after the run
-beside the test accuracy measured here.
+beside the test accuracy measured here. The run folder of the bundle the lesson made then gets the
+lessons' pictures of the network, in figures/ (as `python -m classifier report model --bundle`
+draws them): every convolution layer's filters, one test image's channels with their pixel values,
+a hand-set edge kernel applied to that image, and the feature maps it produces.
 """
 
 from __future__ import annotations
@@ -15,17 +18,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from classifier.bundle import Bundle, read_config
+from classifier.bundle import EVAL_DIR, MISTAKES_DIR, Bundle, read_config
 from classifier.cli import recipe
+from classifier.cli import report as report_command
 from classifier.cli.common import report
-from classifier.config import load_yaml
-from classifier.errors import ConfigError
-from classifier.run import RUN_BUNDLE_DIR
+from classifier.errors import USER_ERRORS, ConfigError
 
 # The lessons are the files named tutorial-*.yaml here, so a new lesson is one new file and the
 # table cannot disagree with what is shipped.
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 PREFIX = "tutorial-"
+FIGURES_DIR = "figures"  # beside the lesson's bundle, in its run folder
 
 
 def lessons(folder: Path | None = None) -> dict[str, Path]:
@@ -46,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def first_line(path: Path) -> str:
-    content = load_yaml(path, "recipe file")
-    return str(content.get("description", "")).strip().split("\n")[0] if isinstance(content, dict) else ""
+    try:
+        return recipe.read_recipe(path).description.split("\n")[0]
+    except ConfigError as exc:  # one broken lesson must not hide the others
+        return f"(cannot be read: {exc})"
 
 
 def listing(table: dict[str, Path]) -> str:
@@ -62,18 +67,36 @@ def find(name: str, table: dict[str, Path]) -> Path:
     return table[name]
 
 
-def measured(planned: list[tuple[str, dict, list[str]]]) -> str:
-    """The test accuracy of the bundle the recipe's last train step made, as the bundle recorded it."""
-    outs = [options["out"] for command, options, _ in planned if command == "train"]
-    if not outs:
+def made_bundle(planned: recipe.Recipe) -> Path | None:
+    """The bundle of the recipe's last step that makes one (train, or search --retrain-best)."""
+    bundles = [recipe.bundle_of(command, options) for command, options, _ in planned.steps]
+    return next((bundle for bundle in reversed(bundles) if bundle is not None), None)
+
+
+def measured(bundle: Path | None) -> str:
+    """The accuracy of `bundle` on the split its evaluation shows (test, or the larger validation
+    split when the test split was carved from a few training images), as the bundle recorded it."""
+    if bundle is None:
         return "not measured (the recipe trains nothing)"
-    path = Path(str(outs[-1])) / RUN_BUNDLE_DIR
     try:  # Bundle.metrics() without the weights: only the recorded figures are needed
-        metrics = Bundle(model=None, config=read_config(path), path=path).metrics()
-    except Exception as exc:  # a missing or damaged bundle: say so rather than fail after a whole run
-        return f"not measured ({path}: {exc})"
+        metrics = Bundle(model=None, config=read_config(bundle), path=bundle).metrics()
+    except (*USER_ERRORS, OSError, ValueError) as exc:  # no bundle, or damaged: say so rather than fail after a whole run
+        return f"not measured ({bundle}: {exc})"
     accuracy = metrics.get("accuracy")
-    return f"{accuracy:.2%} test accuracy ({path})" if accuracy is not None else f"not measured ({path})"
+    if accuracy is None:
+        return f"not measured ({bundle})"
+    n = metrics.get("num_samples")
+    size = f", n={n:,}" if isinstance(n, int) else ""  # a bundle of an older format may lack it
+    return f"{accuracy:.2%} {metrics.get('split', 'test')} accuracy{size} ({bundle})"
+
+
+def figures(bundle: Path) -> int:
+    """`report model` on the lesson's bundle, into the run folder's figures/; its image is the
+    first of the test images the network got wrong (the lesson's own data; a grey one for a grey
+    network), or without any, the report's own example photo."""
+    mistakes = sorted((bundle / EVAL_DIR / MISTAKES_DIR).glob("*.png"))
+    argv = ["model", "--bundle", str(bundle), "--out", str(bundle.parent / FIGURES_DIR)]
+    return report_command.main(argv + (["--image", str(mistakes[0])] if mistakes else []))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,20 +108,20 @@ def main(argv: list[str] | None = None) -> int:
         print("Lessons (python -m classifier tutorial NAME):\n" + listing(table))
         return 0
     try:
-        path = find(args.name, table)
-        content = load_yaml(path, "recipe file")
-        lesson = recipe.read_lesson(content, path)
-        _, planned = recipe.plan(path, args.set)
+        planned = recipe.plan(find(args.name, table), args.set)  # read and checked once, then run as planned
     except ConfigError as exc:
         return report(exc)
-    argv = [str(path), *(f"--set={item}" for item in args.set), *(["--dry-run"] if args.dry_run else [])]
-    code = recipe.main(argv)  # the recipe's own code runs the steps, so the two cannot drift apart
+    code = recipe.execute(planned, args.dry_run)  # the recipe's own code runs the steps, so the two cannot drift apart
     if code != 0:
         return code
+    reported = planned.lesson.get("reported", "no figure")
     if args.dry_run:
-        print(f"\nlesson '{args.name}': reported {lesson.get('reported', 'no figure')}")
+        print(f"\nlesson '{args.name}': reported {reported}")
         return 0
-    print(f"\nlesson '{args.name}': reported {lesson.get('reported', 'no figure')}; measured {measured(planned)}")
+    bundle = made_bundle(planned)
+    if bundle is not None and (code := figures(bundle)) != 0:
+        return code
+    print(f"\nlesson '{args.name}': reported {reported}; measured {measured(bundle)}")
     return 0
 
 

@@ -1,8 +1,10 @@
 """The model report: where a network's parameters are, and what its first layers see.
 
 A table of the layers that hold parameters (output shape, parameter count, memory), totals by kind
-(convolution, fully connected, normalisation), the first convolution's filters as a picture, and
-the feature maps that one image produces in the first convolutions. The tutorials' lesson shows in
+(convolution, fully connected, normalisation), the first convolution's filters as a picture, the
+weights of every convolution layer, and what one image is to the network: its channels' pixel
+values, a hand-set edge kernel applied to it, and the feature maps it produces in the first
+convolutions. The tutorials' lesson shows in
 the totals: a fully connected net on 32x32 colour images (tutorial_mlp, 3.7M parameters) against
 a small CNN on the same images (tutorial_tanh_cnn, 18,090) - the convolution shares its weights
 across the image, the linear layer needs one per pixel.
@@ -21,8 +23,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from classifier.models import create_model, is_project_model
-from classifier.plots import plt, save_figure
+from classifier.models import conv_filters, create_model, is_project_model
+from classifier.plots import plot_conv_filters, plot_edge_kernel, plot_image_channels, plt, save_figure
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)
 LINEAR = (nn.Linear,)
@@ -238,3 +240,48 @@ def plot_feature_maps(model: nn.Module, image: Image.Image, transform, path: str
             axes[row, col].set_title(f"ch {channel}", fontsize=6)
     fig.suptitle("feature maps of the first convolutions (most varied channels)", fontsize=9)
     return save_figure(fig, path, dpi=110)
+
+
+# plot_image_channels writes the pixel values only up to this size (beyond, they are illegible).
+CHANNEL_VALUES_SIDE = 16
+# Panels of the every-layer filter figure: a pretrained EfficientNet has some 50 convolutions, and
+# a figure of them all would be metres tall; the lessons' networks have two to four.
+MAX_FILTER_LAYERS = 8
+
+
+def input_image(image: Image.Image, input_size: tuple[int, int, int]) -> Image.Image:
+    """`image` resized to the network's input (channels, height, width): the pixels it receives
+    before normalisation (the evaluation's crop, where it has one, is left out)."""
+    _, h, w = input_size
+    return image.resize((w, h), Image.Resampling.BICUBIC) if image.size != (w, h) else image
+
+
+def centre_crop(image: Image.Image, side: int) -> Image.Image:
+    w, h = image.size
+    if w <= side and h <= side:
+        return image
+    left, top = max(0, (w - side) // 2), max(0, (h - side) // 2)
+    return image.crop((left, top, left + min(side, w), top + min(side, h)))
+
+
+def plot_network_figures(model: nn.Module, image: Image.Image | None, input_size: tuple[int, int, int],
+                         folder: str | os.PathLike) -> dict[str, Path]:
+    """The figures of the tutorials that need a network and one image, by name:
+    conv_filters.png, the weights of every convolution layer (the first MAX_FILTER_LAYERS);
+    channels.png, the red, green and blue pixel values of the image's centre 16x16 at the
+    network's input size (colour networks only: a grey one reads one channel); edges.png, Sobel's
+    hand-set 3x3 vertical-edge kernel applied to the image, the kind of filter a first layer learns.
+    A network without convolutions gets no filter figure; without an image, only the filters."""
+    folder = Path(folder)
+    written: dict[str, Path] = {}
+    layers = conv_filters(model)
+    if layers:
+        written["conv_filters"] = plot_conv_filters(layers[:MAX_FILTER_LAYERS], folder / "conv_filters.png")
+    if image is None:
+        return written
+    seen = input_image(image, input_size)
+    if input_size[0] == 3:
+        written["channels"] = plot_image_channels(centre_crop(seen.convert("RGB"), CHANNEL_VALUES_SIDE),
+                                                  folder / "channels.png", values_up_to=CHANNEL_VALUES_SIDE)
+    written["edges"] = plot_edge_kernel(seen, folder / "edges.png")
+    return written
