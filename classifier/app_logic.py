@@ -189,6 +189,31 @@ def classify(predictor: Predictor, image: ImageSource, top_k: int | None = None)
     return Prediction(probabilities, time.perf_counter() - start)
 
 
+@dataclass
+class Explanation:
+    """A Grad-CAM picture (Predictor.explain) and what it shows, in words for the panel's label."""
+
+    picture: Image.Image
+    label: str
+    seconds: float
+
+    def title(self) -> str:
+        return f"Where the model looked for {self.label} (Grad-CAM; red: most evidence)"
+
+
+def explain(predictor: Predictor, image: ImageSource, label: str | None = None) -> Explanation:
+    """Where the model found the evidence for `label` (by default its top class) in `image`, timed;
+    bad images raise ImageError with the upload's own name, as classify does."""
+    start = time.perf_counter()
+    try:
+        picture, label = predictor.explain(image, label)
+    except ImageError as exc:
+        if isinstance(image, (str, os.PathLike)):
+            raise ImageError(upload_error(Path(image).name, exc)) from exc
+        raise
+    return Explanation(picture, label, time.perf_counter() - start)
+
+
 def upload_error(name: str, error: ImageError) -> str:
     """One sentence for the person who uploaded `name`: what is wrong in plain words (not Pillow's
     jargon, which classifier.images keeps apart as detail) and which formats do work."""
@@ -240,6 +265,14 @@ class EvalReport:
                 raise ValueError(f"{name!r} is not a class of this model ({', '.join(self.labels)})")
         return [m for m in self.mistakes
                 if true in (ALL, None, m["true"]) and predicted in (ALL, None, m["predicted"])]
+
+    def mistake_at(self, index: int, true: str = ALL, predicted: str = ALL) -> dict:
+        """The mistake shown at `index` of gallery(true, predicted), with its thumbnail's full path
+        under "path"; IndexError when the gallery has no such place."""
+        shown = self.filter(true, predicted)
+        if not 0 <= index < len(shown):
+            raise IndexError(f"no mistake at place {index} of {len(shown)} shown")
+        return shown[index] | {"path": str(self.eval_dir / shown[index]["file"])}
 
     def gallery(self, true: str = ALL, predicted: str = ALL) -> list[tuple[str, str]]:
         """(thumbnail path, caption) for each matching mistake, worst first."""

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from classifier.bundle import Bundle, load_bundle
+from classifier.cam import denormalize, grad_cam_tta, overlay
 from classifier.images import ImageSource, open_image
 from classifier.runtime import channels_last_pays
 from classifier.tta import tta_logits, tta_mode
@@ -68,3 +69,20 @@ class Predictor:
         top = probs.topk(k)
         return {self.labels[int(i)]: float(p) for p, i in zip(top.values, top.indices)}
 
+
+    def explain(self, image: ImageSource | Image.Image, label: str | None = None) -> tuple[Image.Image, str]:
+        """(the image the model saw with a Grad-CAM heatmap over it, the class explained): where it
+        found the evidence for `label`, by default its top class. Computed on the same preprocessed
+        tensor, with the same mirror averaging, as the prediction (classifier.cam); it costs a
+        forward and a backward pass per view, so it is only run when asked. Raises ImageError, and
+        classifier.cam.NoFeatureMap for a model without a convolutional feature map."""
+        x = self.preprocess(image)
+        if label is None:
+            target = int(self.probabilities(x.unsqueeze(0))[0].argmax())
+        elif label in self.labels:
+            target = self.labels.index(label)
+        else:
+            raise ValueError(f"{label!r} is not a class of this model ({', '.join(self.labels)})")
+        heatmap = grad_cam_tta(self.model, x.to(self.device), target, self.tta)
+        seen = denormalize(x, self.bundle.pretrained_cfg["mean"], self.bundle.pretrained_cfg["std"])
+        return overlay(seen, heatmap.cpu()), self.labels[target]

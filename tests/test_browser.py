@@ -152,6 +152,42 @@ def test_clicking_a_confusion_cell_filters_the_gallery(page, tmp_path):
     sync_api.expect(page.get_by_text("No test images of box were taken for wedge.")).to_be_visible()
 
 
+def test_a_cell_click_brings_the_gallery_into_view_and_a_mistake_shows_where_the_model_looked(page, tmp_path):
+    page.get_by_role("tab", name="Mistakes").click()
+    gallery = page.locator("#mistakes-gallery")
+    page.locator("#confusion [data-testid='cell-0-2']").scroll_into_view_if_needed()
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")  # the table in view, the gallery not
+    sync_api.expect(gallery).not_to_be_in_viewport(ratio=0.5)  # mostly above the top of the window
+    page.locator("#confusion [data-testid='cell-0-2']").click()  # row disc, column box: discs taken for boxes
+    captions = page.locator("#mistakes-gallery .caption-label")
+    sync_api.expect(captions).to_have_count(1, timeout=TIMEOUT_MS)
+    sync_api.expect(gallery).to_be_in_viewport(ratio=0.9, timeout=TIMEOUT_MS)
+    gallery.locator("button").filter(has=page.locator("img")).first.click()
+    heatmap = page.locator("#mistake-heatmap img")
+    sync_api.expect(heatmap).to_be_visible(timeout=TIMEOUT_MS)
+    sync_api.expect(page.locator("#mistake-heatmap")).to_contain_text("where it looked for box")
+    page.screenshot(path=str(tmp_path / "mistake-heatmap.png"), full_page=True)
+    print(f"screenshot: {tmp_path / 'mistake-heatmap.png'}")
+
+
+def test_ticking_show_where_the_model_looked_shows_the_heatmap(page, tmp_path):
+    page.get_by_role("tab", name="Classify").click()
+    image = tmp_path / "circle.png"
+    draw_shape("circle", 96).save(image)
+    page.locator("input[type=file]").first.set_input_files(str(image))
+    sync_api.expect(page.get_by_text("Predicted in")).to_be_visible()
+    sync_api.expect(page.locator("#heatmap img")).to_have_count(0)  # not asked for: not there
+    page.locator("#show-heatmap input[type=checkbox]").check()
+    sync_api.expect(page.locator("#heatmap img")).to_be_visible(timeout=TIMEOUT_MS)
+    sync_api.expect(page.locator("#heatmap")).to_contain_text("Where the model looked for")
+    # Ticked, a new upload gets its heatmap with its answer.
+    draw_shape("square", 96).save(tmp_path / "square.png")
+    page.locator("input[type=file]").first.set_input_files(str(tmp_path / "square.png"))
+    sync_api.expect(page.locator("#heatmap img")).to_be_visible(timeout=TIMEOUT_MS)
+    page.screenshot(path=str(tmp_path / "heatmap.png"), full_page=True)
+    print(f"screenshot: {tmp_path / 'heatmap.png'}")
+
+
 def choose_model(page, name: str) -> None:
     page.get_by_label("Model").first.click()
     page.get_by_role("option", name=name, exact=True).click()
