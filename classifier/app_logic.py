@@ -151,13 +151,16 @@ def format_probability(p: float) -> str:
     return ">99.9%" if p > 0.5 else "<0.1%"
 
 
-def headline(probabilities: dict[str, float], unsure_below: float = UNSURE_BELOW) -> str:
+def headline(probabilities: dict[str, float], unsure_below: float = UNSURE_BELOW, out_of_domain: bool = False) -> str:
     """The top class and its probability; when that is below `unsure_below`, says so and names
-    the runner-up too, so a coin toss is not read as an answer."""
+    the runner-up too, so a coin toss is not read as an answer. `out_of_domain` (the bundle's
+    out-of-distribution flag, classifier.ood) comes first: then the top class is only the closest."""
     ranked = sorted(probabilities.items(), key=lambda item: item[1], reverse=True)
     if not ranked:
         return ""
     (top, p), rest = ranked[0], ranked[1:]
+    if out_of_domain:
+        return f"This may be none of the model's classes (closest: {top} {format_probability(p)})"
     if p >= unsure_below or not rest:
         return f"{top} {format_probability(p)}"
     second, q = rest[0]
@@ -168,9 +171,10 @@ def headline(probabilities: dict[str, float], unsure_below: float = UNSURE_BELOW
 class Prediction:
     probabilities: dict[str, float]
     seconds: float
+    out_of_domain: bool = False  # the bundle's out-of-distribution flag (classifier.ood)
 
     def headline(self) -> str:
-        return headline(self.probabilities)
+        return headline(self.probabilities, out_of_domain=self.out_of_domain)
 
     def timing(self) -> str:
         return f"Predicted in **{self.seconds * 1000:.1f} ms** (decode, resize and model, on the CPU)"
@@ -181,12 +185,12 @@ def classify(predictor: Predictor, image: ImageSource, top_k: int | None = None)
     own name (not the server's temporary path, which means nothing to the person uploading)."""
     start = time.perf_counter()
     try:
-        probabilities = predictor.predict(image, top_k=top_k)
+        probabilities, score = predictor.predict_scored(image, top_k=top_k)
     except ImageError as exc:
         if isinstance(image, (str, os.PathLike)):
             raise ImageError(upload_error(Path(image).name, exc)) from exc
         raise
-    return Prediction(probabilities, time.perf_counter() - start)
+    return Prediction(probabilities, time.perf_counter() - start, predictor.out_of_domain(score))
 
 
 @dataclass

@@ -18,6 +18,7 @@ from PIL import Image
 from classifier.bundle import Bundle, load_bundle
 from classifier.cam import denormalize, grad_cam_tta, overlay
 from classifier.images import ImageSource, open_image
+from classifier.ood import energy, is_out_of_domain
 from classifier.runtime import channels_last_pays
 from classifier.tta import tta_logits, tta_mode
 
@@ -41,6 +42,9 @@ class Predictor:
         self.transform = self.bundle.eval_transform()
         self.temperature = self.bundle.temperature
         self.tta = self.bundle.tta if tta is None else tta_mode(tta)
+        # The energy below which an image is probably none of the classes (classifier.ood); None
+        # for bundles evaluated before there was one, which then never flag anything.
+        self.ood_threshold = self.bundle.ood_threshold
 
     def preprocess(self, image: ImageSource) -> torch.Tensor:
         """Open (safely: see classifier.images) and transform one image; raises ImageError."""
@@ -48,12 +52,26 @@ class Predictor:
         return self.transform(pil)
 
     @torch.inference_mode()
-    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+    def calibrated_logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """The logits of a preprocessed batch, with the bundle's TTA, divided by its temperature."""
         batch = batch.to(self.device)
         if self.channels_last and batch.ndim == 4:
             batch = batch.contiguous(memory_format=torch.channels_last)
         logits = tta_logits(self.model, batch, self.tta)
-        return (logits.float() / self.temperature).softmax(-1).cpu()
+        return (logits.float() / self.temperature).cpu()
+
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.calibrated_logits(batch).softmax(-1)
+
+    def predict_scored(self, image: ImageSource | Image.Image, top_k: int | None = None) -> tuple[dict[str, float], float]:
+        """({class: probability} as predict gives it, the image's out-of-distribution score) from
+        one forward pass: the score (energy, classifier.ood) costs a logsumexp of the same logits."""
+        logits = self.calibrated_logits(self.preprocess(image).unsqueeze(0))[0]
+        return self.top_classes(logits.softmax(-1), top_k), float(energy(logits))
+
+    def out_of_domain(self, score: float) -> bool:
+        """Whether predict_scored's score says the image is probably none of the classes."""
+        return is_out_of_domain(score, self.ood_threshold)
 
     def predict_batch(self, images: Sequence[ImageSource], top_k: int | None = None) -> list[dict[str, float]]:
         batch = torch.stack([self.preprocess(image) for image in images])

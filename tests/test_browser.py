@@ -27,6 +27,7 @@ import app as app_module  # noqa: E402
 from classifier import app_logic  # noqa: E402
 from classifier.predict import Predictor  # noqa: E402
 from test_app import free_port, renamed_bundle  # noqa: E402
+from test_ood import with_threshold  # noqa: E402
 
 # No network here: keep Chromium from trying to phone home, and let it run as root in a container.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -45,6 +46,8 @@ def served(tiny_bundle, tmp_path_factory):
     config = json.loads((broken / "config.json").read_text())
     config["model_args"]["widths"] = [8, 8, 8]
     (broken / "config.json").write_text(json.dumps(config))
+    # A threshold no image reaches: everything is flagged as none of the classes.
+    with_threshold(tiny_bundle, models / "unfamiliar", 1e6)
     demo = app_module.build_app(models, model_id=str(models / "shapes"))
     port = free_port()
     app_module.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -210,3 +213,12 @@ def test_a_model_that_will_not_load_shows_why_and_keeps_the_last_one(page, tmp_p
     sync_api.expect(page.get_by_text("The model tells apart: circle, square, triangle.")).to_be_visible()
     page.screenshot(path=str(tmp_path / "broken-model.png"), full_page=True)
     print(f"screenshot: {tmp_path / 'broken-model.png'}")
+
+
+def test_an_image_past_the_bundles_threshold_is_called_none_of_the_classes(page, tmp_path):
+    choose_model(page, "unfamiliar")
+    sync_api.expect(page.locator("#headline")).to_have_text(
+        re.compile(r"^\s*This may be none of the model's classes \(closest: (circle|square|triangle) [<>]?[\d.]+%\)"),
+        timeout=TIMEOUT_MS)
+    page.screenshot(path=str(tmp_path / "none-of-the-classes.png"), full_page=True)
+    print(f"screenshot: {tmp_path / 'none-of-the-classes.png'}")
