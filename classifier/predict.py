@@ -20,6 +20,7 @@ from classifier.cam import denormalize, grad_cam_tta, overlay
 from classifier.images import ImageSource, open_image
 from classifier.ood import energy, is_out_of_domain
 from classifier.runtime import channels_last_pays
+from classifier.transforms import decoded_side
 from classifier.tta import tta_logits, tta_mode
 
 
@@ -40,6 +41,8 @@ class Predictor:
             self.model.to(memory_format=torch.channels_last)
         self.labels = self.bundle.label_names
         self.transform = self.bundle.eval_transform()
+        # Large JPEG uploads are decoded at reduced size, still well above what the transform keeps.
+        self.decoded_side = decoded_side(self.bundle.pretrained_cfg, self.bundle.source_image_size)
         self.temperature = self.bundle.temperature
         self.tta = self.bundle.tta if tta is None else tta_mode(tta)
         # The energy below which an image is probably none of the classes (classifier.ood); None
@@ -48,7 +51,7 @@ class Predictor:
 
     def preprocess(self, image: ImageSource) -> torch.Tensor:
         """Open (safely: see classifier.images) and transform one image; raises ImageError."""
-        pil = open_image(image, channels=self.bundle.in_chans)
+        pil = open_image(image, channels=self.bundle.in_chans, min_side=self.decoded_side)
         return self.transform(pil)
 
     @torch.inference_mode()
