@@ -26,6 +26,10 @@ MAX_FILE_SIZE = "10mb"  # a photo worth classifying is far smaller; bigger uploa
 QUEUE_SIZE = 64  # requests waiting beyond this are turned away at once instead of timing out
 CONCURRENCY = 2  # predictions run at the same time; each gets cpu_count / CONCURRENCY torch threads
 TOP_K = 5
+# At phone width the Model tab's table gave its first column a few letters a line ("Arch / itec /
+# ture"): its names keep whole words, and the values wrap instead.
+CSS = ("#model-summary :is(td, th):first-child "
+       "{ min-width: 9em; word-break: normal; overflow-wrap: normal; hyphens: none; }")
 
 
 def _user_error(exc: Exception, title: str) -> gr.Error:
@@ -193,7 +197,7 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
                 confusion_png = gr.Image(initial.confusion_png, label="Confusion matrix", interactive=False)
             per_class = gr.Dataframe(initial.per_class, interactive=False, label="Per-class metrics (test set)")
         with gr.Tab("Model"):
-            summary = gr.Markdown(initial.summary)
+            summary = gr.Markdown(initial.summary, elem_id="model-summary")
             with gr.Row():
                 curves = gr.Image(initial.curves, label="Training curves", interactive=False)
                 samples = gr.Image(initial.samples, label="Test images with predictions", interactive=False)
@@ -244,7 +248,7 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
 
 def launch(app: gr.Blocks, **kwargs):
     """Launch with the limits every deployment needs; tests and benchmarks call this too."""
-    return app.launch(max_file_size=MAX_FILE_SIZE, **kwargs)
+    return app.launch(max_file_size=MAX_FILE_SIZE, css=CSS, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -222,3 +222,37 @@ def test_an_image_past_the_bundles_threshold_is_called_none_of_the_classes(page,
         timeout=TIMEOUT_MS)
     page.screenshot(path=str(tmp_path / "none-of-the-classes.png"), full_page=True)
     print(f"screenshot: {tmp_path / 'none-of-the-classes.png'}")
+
+
+def test_phone_width_layout_does_not_overflow(served, tmp_path):
+    """At 390 px (a phone), the page scrolls only up and down: nothing pushes the main column
+    sideways, on any tab, and the components' labels are not squeezed to a few letters a line."""
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        phone = browser.new_page(viewport={"width": 390, "height": 844})
+        phone.set_default_timeout(TIMEOUT_MS)
+        phone.goto(served[0], wait_until="domcontentloaded")
+        image = tmp_path / "upload.png"
+        draw_shape("circle", 96).save(image)
+        phone.locator("input[type=file]").first.set_input_files(str(image))
+        sync_api.expect(phone.get_by_text("Predicted in")).to_be_visible()
+        for tab in ("Classify", "Mistakes", "Model"):
+            phone.get_by_role("tab", name=tab).click()
+            phone.wait_for_timeout(500)
+            width = phone.evaluate("document.documentElement.scrollWidth")
+            assert width <= 390, f"the {tab} tab is {width} px wide at a 390 px viewport"
+            # Every visible label is at least a short word wide, at most two lines tall, and no word
+            # of it is broken across lines (more lines than words).
+            squeezed = phone.evaluate("""() => [...document.querySelectorAll(
+                    'label, [data-testid="block-label"], #model-summary :is(td, th):first-child')]
+                .filter(e => e.offsetParent !== null && e.innerText.trim())
+                .filter(e => { const text = document.createRange();
+                               text.selectNodeContents(e);  // the words' own box, not a table row's height
+                               const r = text.getBoundingClientRect(), h = parseFloat(getComputedStyle(e).lineHeight) || 20;
+                               const lines = new Set([...text.getClientRects()].map(b => Math.round(b.top))).size;
+                               return r.width < 40 || r.height > 2.5 * h || (e.matches('td, th') && lines > e.innerText.trim().split(/\s+/).length); })
+                .map(e => e.innerText.trim())""")
+            assert not squeezed, f"squeezed labels on the {tab} tab: {squeezed}"
+            phone.screenshot(path=str(tmp_path / f"phone-{tab.lower()}.png"), full_page=True)
+        print(f"screenshots: {tmp_path}/phone-*.png")
+        browser.close()
