@@ -113,7 +113,7 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
 
     def heatmap_for(upload: dict | str | None, name: str, wanted: bool):
         """The Grad-CAM panel: hidden unless asked for, and computed only then (a forward and a
-        backward pass per view, about three times a plain prediction), after the answer is shown.
+        backward pass per view, two to three times a plain prediction: docs/app.md), after the answer is shown.
         Takes the upload as it came, like predict, or a path from an API client."""
         path = upload.get("path") if isinstance(upload, dict) else upload
         if not wanted or not path:
