@@ -224,12 +224,11 @@ def test_an_image_past_the_bundles_threshold_is_called_none_of_the_classes(page,
     print(f"screenshot: {tmp_path / 'none-of-the-classes.png'}")
 
 
-def test_phone_width_layout_does_not_overflow(served, tmp_path):
+def test_phone_width_layout_does_not_overflow(page, served, tmp_path):
     """At 390 px (a phone), the page scrolls only up and down: nothing pushes the main column
     sideways, on any tab, and the components' labels are not squeezed to a few letters a line."""
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        phone = browser.new_page(viewport={"width": 390, "height": 844})
+    phone = page.context.browser.new_page(viewport={"width": 390, "height": 844})  # the module's Chromium
+    try:
         phone.set_default_timeout(TIMEOUT_MS)
         phone.goto(served[0], wait_until="domcontentloaded")
         image = tmp_path / "upload.png"
@@ -255,4 +254,5 @@ def test_phone_width_layout_does_not_overflow(served, tmp_path):
             assert not squeezed, f"squeezed labels on the {tab} tab: {squeezed}"
             phone.screenshot(path=str(tmp_path / f"phone-{tab.lower()}.png"), full_page=True)
         print(f"screenshots: {tmp_path}/phone-*.png")
-        browser.close()
+    finally:
+        phone.close()
