@@ -19,6 +19,7 @@ from classifier import app_logic as logic
 from classifier.allocator import keep_freed_memory
 from classifier.bundle import CONFUSION_PNG, CURVES_PNG, SAMPLES_PNG
 from classifier import teach_set
+from classifier.cam import NoFeatureMap
 from classifier.errors import BundleError, DataError, HubError, ImageError
 from classifier.serving import DEFAULT_RUNTIME, RUNTIMES, torch_importable
 from classifier.teacher import TRAININGS_AT_ONCE, Teacher
@@ -27,6 +28,10 @@ MAX_FILE_SIZE = "10mb"  # a photo worth classifying is far smaller; bigger uploa
 QUEUE_SIZE = 64  # requests waiting beyond this are turned away at once instead of timing out
 CONCURRENCY = 2  # predictions run at the same time; each gets cpu_count / CONCURRENCY torch threads
 TOP_K = 5
+# At phone width the Model tab's table gave its first column a few letters a line ("Arch / itec /
+# ture"): its names keep whole words, and the values wrap instead.
+CSS = ("#model-summary :is(td, th):first-child "
+       "{ min-width: 9em; word-break: normal; overflow-wrap: normal; hyphens: none; }")
 
 
 def _user_error(exc: Exception, title: str) -> gr.Error:
@@ -112,6 +117,30 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
             raise _user_error(exc, "Cannot load this model") from exc
         return prediction.probabilities, f"### {prediction.headline()}", prediction.timing()
 
+    def heatmap_for(upload: dict | str | None, name: str, wanted: bool):
+        """The Grad-CAM panel: hidden unless asked for, and computed only then (a forward and a
+        backward pass per view, two to three times a plain prediction: docs/app.md), after the answer is shown.
+        Takes the upload as it came, like predict, or a path from an API client."""
+        path = upload.get("path") if isinstance(upload, dict) else upload
+        if not wanted or not path:
+            return gr.Image(value=None, visible=bool(wanted))
+        try:
+            explanation = logic.explain(store.get(name), path)
+        except (ImageError, BundleError, HubError, NoFeatureMap) as exc:
+            raise _user_error(exc, "Cannot show where the model looked") from exc
+        return gr.Image(value=explanation.picture, label=explanation.title(), visible=True)
+
+    def mistake_heatmap(name: str, true: str, predicted: str, evt: gr.SelectData):
+        """Where the model looked when it made the clicked mistake: the evidence for the class it
+        wrongly chose, on the saved thumbnail (the test image, so its preprocessing is the test's)."""
+        try:
+            mistake = report(name).mistake_at(int(evt.index), true, predicted)
+            explanation = logic.explain(store.get(name), mistake["path"], mistake["predicted"])
+        except (IndexError, ValueError, ImageError, BundleError, HubError, NoFeatureMap) as exc:
+            raise _user_error(exc, "Cannot show where the model looked") from exc
+        return gr.Image(value=explanation.picture, visible=True,
+                        label=f"{logic.caption(mistake)}: where it looked for {mistake['predicted']} (Grad-CAM)")
+
     def show_mistakes(name: str, true: str, predicted: str):
         # Runs with preprocess=False: the filters' choices change with the model, and an API client
         # has no session holding the new choices, so the classes are checked here instead.
@@ -145,6 +174,9 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
                     headline = gr.Markdown(elem_id="headline")
                     label = gr.Label(num_top_classes=TOP_K, label="Top classes", show_heading=False)
                     timing = gr.Markdown(elem_id="timing")
+                    look = gr.Checkbox(False, label="Show where the model looked", elem_id="show-heatmap")
+                    heatmap = gr.Image(label="Where the model looked (Grad-CAM)", visible=False,
+                                       interactive=False, height=300, elem_id="heatmap", format="png")
             examples = logic.example_images(examples_dir)
             example_gallery = gr.Examples(examples, inputs=image, label="Examples (click one)",
                                           cache_examples=False,
@@ -159,6 +191,8 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
             gallery = gr.Gallery(initial.gallery, label="Misclassified test images: true (its p) → predicted (p)",
                                  columns=5, height=480, object_fit="contain", fit_columns=False,
                                  elem_id="mistakes-gallery")
+            mistake_cam = gr.Image(label="Click a mistake to see where the model looked", interactive=False,
+                                   height=300, visible=False, elem_id="mistake-heatmap", format="png")
             # The pairs to look at first, without reading the whole matrix (fastai's most_confused).
             most_confused = gr.Dataframe(initial.most_confused, interactive=False, elem_id="most-confused",
                                          label="Most confused pairs (test set)")
@@ -169,7 +203,7 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
                 confusion_png = gr.Image(initial.confusion_png, label="Confusion matrix", interactive=False)
             per_class = gr.Dataframe(initial.per_class, interactive=False, label="Per-class metrics (test set)")
         with gr.Tab("Model"):
-            summary = gr.Markdown(initial.summary)
+            summary = gr.Markdown(initial.summary, elem_id="model-summary")
             with gr.Row():
                 curves = gr.Image(initial.curves, label="Training curves", interactive=False)
                 samples = gr.Image(initial.samples, label="Test images with predictions", interactive=False)
@@ -183,6 +217,11 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
             # A failed prediction (a bad upload) shows only its error: the previous image's result
             # and timing left beside it would read as the answer for the new file.
             event.failure(lambda: (None, "", ""), None, result, api_visibility="private")
+            event.failure(lambda: gr.Image(value=None), None, heatmap, api_visibility="private")
+            # Grad-CAM only when asked, and only once the answer is on screen: the plain
+            # prediction stays as fast as without it.
+            event.success(heatmap_for, [image, model, look], heatmap, preprocess=False,
+                          api_visibility="private")
 
         # One prediction per user action. Not image.change: it fires again when the front end swaps
         # the uploaded file for its server copy, so every replaced image ran the model twice. `input`
@@ -204,8 +243,14 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
         gr.on([true_filter.input, predicted_filter.input], show_mistakes,
               [model, true_filter, predicted_filter], [gallery, mistakes_note], api_name="mistakes",
               preprocess=False)
+        look.input(heatmap_for, [image, model, look], heatmap, preprocess=False, api_name="heatmap")
+        # A click on a cell updates the gallery above the table, often out of view: bring it into view.
         confusion.select(cell_selected, model, [true_filter, predicted_filter, gallery, mistakes_note],
-                         api_visibility="private")
+                         api_visibility="private").then(
+            None, None, None, api_visibility="private",
+            js="() => document.getElementById('mistakes-gallery')?.scrollIntoView({behavior: 'smooth'})")
+        gallery.select(mistake_heatmap, [model, true_filter, predicted_filter], mistake_cam, preprocess=False,
+                       api_visibility="private")
 
     return app.queue(max_size=QUEUE_SIZE, default_concurrency_limit=CONCURRENCY)
 
@@ -379,7 +424,7 @@ def train_tab(teacher: Teacher, model: gr.Dropdown, shipped: list[str]) -> None:
 
 def launch(app: gr.Blocks, **kwargs):
     """Launch with the limits every deployment needs; tests and benchmarks call this too."""
-    return app.launch(max_file_size=MAX_FILE_SIZE, **kwargs)
+    return app.launch(max_file_size=MAX_FILE_SIZE, css=CSS, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -162,13 +162,16 @@ def format_probability(p: float) -> str:
     return ">99.9%" if p > 0.5 else "<0.1%"
 
 
-def headline(probabilities: dict[str, float], unsure_below: float = UNSURE_BELOW) -> str:
+def headline(probabilities: dict[str, float], unsure_below: float = UNSURE_BELOW, out_of_domain: bool = False) -> str:
     """The top class and its probability; when that is below `unsure_below`, says so and names
-    the runner-up too, so a coin toss is not read as an answer."""
+    the runner-up too, so a coin toss is not read as an answer. `out_of_domain` (the bundle's
+    out-of-distribution flag, classifier.ood) comes first: then the top class is only the closest."""
     ranked = sorted(probabilities.items(), key=lambda item: item[1], reverse=True)
     if not ranked:
         return ""
     (top, p), rest = ranked[0], ranked[1:]
+    if out_of_domain:
+        return f"This may be none of the model's classes (closest: {top} {format_probability(p)})"
     if p >= unsure_below or not rest:
         return f"{top} {format_probability(p)}"
     second, q = rest[0]
@@ -179,9 +182,10 @@ def headline(probabilities: dict[str, float], unsure_below: float = UNSURE_BELOW
 class Prediction:
     probabilities: dict[str, float]
     seconds: float
+    out_of_domain: bool = False  # the bundle's out-of-distribution flag (classifier.ood)
 
     def headline(self) -> str:
-        return headline(self.probabilities)
+        return headline(self.probabilities, out_of_domain=self.out_of_domain)
 
     def timing(self) -> str:
         return f"Predicted in **{self.seconds * 1000:.1f} ms** (decode, resize and model, on the CPU)"
@@ -192,12 +196,37 @@ def classify(predictor, image: ImageSource, top_k: int | None = None) -> Predict
     own name (not the server's temporary path, which means nothing to the person uploading)."""
     start = time.perf_counter()
     try:
-        probabilities = predictor.predict(image, top_k=top_k)
+        probabilities, score = predictor.predict_scored(image, top_k=top_k)
     except ImageError as exc:
         if isinstance(image, (str, os.PathLike)):
             raise ImageError(upload_error(Path(image).name, exc)) from exc
         raise
-    return Prediction(probabilities, time.perf_counter() - start)
+    return Prediction(probabilities, time.perf_counter() - start, predictor.out_of_domain(score))
+
+
+@dataclass
+class Explanation:
+    """A Grad-CAM picture (Predictor.explain) and what it shows, in words for the panel's label."""
+
+    picture: Image.Image
+    label: str
+    seconds: float
+
+    def title(self) -> str:
+        return f"Where the model looked for {self.label} (Grad-CAM; red: most evidence)"
+
+
+def explain(predictor: Predictor, image: ImageSource, label: str | None = None) -> Explanation:
+    """Where the model found the evidence for `label` (by default its top class) in `image`, timed;
+    bad images raise ImageError with the upload's own name, as classify does."""
+    start = time.perf_counter()
+    try:
+        picture, label = predictor.explain(image, label)
+    except ImageError as exc:
+        if isinstance(image, (str, os.PathLike)):
+            raise ImageError(upload_error(Path(image).name, exc)) from exc
+        raise
+    return Explanation(picture, label, time.perf_counter() - start)
 
 
 def upload_error(name: str, error: ImageError) -> str:
@@ -251,6 +280,14 @@ class EvalReport:
                 raise ValueError(f"{name!r} is not a class of this model ({', '.join(self.labels)})")
         return [m for m in self.mistakes
                 if true in (ALL, None, m["true"]) and predicted in (ALL, None, m["predicted"])]
+
+    def mistake_at(self, index: int, true: str = ALL, predicted: str = ALL) -> dict:
+        """The mistake shown at `index` of gallery(true, predicted), with its thumbnail's full path
+        under "path"; IndexError when the gallery has no such place."""
+        shown = self.filter(true, predicted)
+        if not 0 <= index < len(shown):
+            raise IndexError(f"no mistake at place {index} of {len(shown)} shown")
+        return shown[index] | {"path": str(self.eval_dir / shown[index]["file"])}
 
     def gallery(self, true: str = ALL, predicted: str = ALL) -> list[tuple[str, str]]:
         """(thumbnail path, caption) for each matching mistake, worst first."""

@@ -53,6 +53,9 @@ CONFUSION_JSON, CONFUSION_PNG = "confusion_matrix.json", "confusion_matrix.png"
 SAMPLES_PNG = "samples.png"  # a grid of predictions, right and wrong
 CURVES_PNG, HISTORY_FILE = "curves.png", "history.json"  # the training curves and their figures
 LR_FINDER_PNG = "lr_finder.png"  # with --lr auto: the range test's curve
+# In config.json's "classifier" section: the out-of-distribution threshold fitted at evaluation time
+# (classifier.ood): {"score": "energy", "threshold": float, "keep": share of validation images kept}.
+OOD_FIELD = "ood"
 EXAMPLES_DIR = "examples"  # optional: the bundle's own example photos, which its card's Hub widget offers
 # What a bundle is, as file patterns: what is downloaded from the Hub and pushed to it. model.onnx
 # (and onnx.json) where `python -m classifier export` wrote one: the card may name it as the way to load
@@ -102,6 +105,14 @@ class Bundle:
     def tta(self) -> str:
         """The test-time augmentation its metrics were measured with (classifier.tta)."""
         return tta_mode(self.project.get("tta"))
+
+    @property
+    def ood_threshold(self) -> float | None:
+        """The energy below which an image is probably none of the classes (classifier.ood), or
+        None for a bundle evaluated before there was one: then nothing is ever flagged."""
+        record = self.project.get(OOD_FIELD) or {}
+        value = record.get("threshold")
+        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
     @property
     def in_chans(self) -> int:

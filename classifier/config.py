@@ -81,7 +81,7 @@ class RunConfig:
     out: str | None = None  # None: runs/<data>-<model>-<date>-<time>, a new folder per run
     resume: bool = False
     tta: str = "none"  # test-time augmentation in the evaluation (classifier.tta), recorded in the bundle
-    mistakes: int = 200
+    mistakes: int | None = None  # misclassified images eval/ keeps, most confident first; None: every one
     sync_batchnorm: bool = False
     recipe: str = "none"  # the policy that filled the options a user left out (see apply_recipe)
     command: str | None = None  # the command line that made this run, for the model card

@@ -15,14 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torch.utils.data import DataLoader
 
-from classifier import distributed
+from classifier import distributed, ood
 from classifier.bundle import (CONFUSION_JSON, CONFUSION_PNG, CURVES_PNG, HISTORY_FILE, METRICS_FILE, MISTAKES_DIR,
-                               MISTAKES_FILE, SAMPLES_PNG)
-from classifier.data import DataSplits, Split, load_pil
+                               MISTAKES_FILE, OOD_FIELD, SAMPLES_PNG)
+from classifier.data import DataSplits, ImageDataset, Split, collate_skipping_broken, load_pil
 from classifier.intervals import wilson_interval
 from classifier.plots import plot_confusion_matrix, plot_history, plot_sample_grid
 from classifier.tta import TTA, tta_mode
@@ -217,8 +219,9 @@ def split_summary(logits: torch.Tensor, targets: torch.Tensor, origin: str) -> d
 
 
 def rank_mistakes(logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor,
-                  classes: Sequence[str], temperature: float = 1.0, limit: int = 200) -> list[dict]:
-    """The misclassified samples, worst (highest loss) first, with their top probabilities."""
+                  classes: Sequence[str], temperature: float = 1.0, limit: int | None = None) -> list[dict]:
+    """The misclassified samples, worst (highest loss) first, with their top probabilities; the
+    first `limit` of them, or all (None)."""
     probs = (logits / temperature).softmax(1)
     predicted = probs.argmax(1)
     wrong = torch.nonzero(predicted != targets).flatten()
@@ -255,13 +258,40 @@ class Evaluation:
         """What config.json's "classifier" section keeps of it: what the Predictor needs (temperature,
         TTA) and a summary for readers of the config alone."""
         m = self.metrics
-        return {"temperature": self.temperature, "tta": m["tta"],
-                "metrics": {k: m[k] for k in ("accuracy", "accuracy_ci95", "loss", "macro_f1", "ece", "num_samples")}
-                           | {"ece_before_calibration": m["calibration"]["ece_before"], "split": m["split"]}}
+        fields = {"temperature": self.temperature, "tta": m["tta"],
+                  "metrics": {k: m[k] for k in ("accuracy", "accuracy_ci95", "loss", "macro_f1", "ece", "num_samples")}
+                             | {"ece_before_calibration": m["calibration"]["ece_before"], "split": m["split"]}}
+        if m.get("ood"):  # what the Predictor needs to say "this may be none of the classes" (bundle.OOD_FIELD)
+            fields[OOD_FIELD] = {k: m["ood"][k] for k in ("score", "threshold", "keep")}
+        return fields
 
-    def save(self, eval_dir: str | os.PathLike, data: DataSplits, in_chans: int, mistakes: int,
+    @torch.no_grad()
+    def measure_ood(self, model: nn.Module, transform, channels: int, device: torch.device, dtype=None,
+                    others: dict[str, Split] | None = None, per_kind: int = ood.SYNTHETIC_PER_KIND) -> None:
+        """The share of out-of-domain images the stored threshold flags (its true-positive rate):
+        classifier.ood's synthetic kinds, then `others` (name: a split of images of none of the
+        classes), and all pooled, into metrics["ood"]["out_of_domain"]; through `transform` (the
+        bundle's eval transform) and the evaluation's own TTA and temperature, as Predictor sees
+        an upload. Nothing to do without a threshold (no validation split to fit it on)."""
+        record = self.metrics.get("ood")
+        if not record:
+            return
+        sets = {kind: Split(ood.synthetic_images(kind, per_kind), np.zeros(per_kind, dtype=np.int64))
+                for kind in ood.SYNTHETIC_KINDS}
+        sets.update(others or {})
+        evaluated, scores = TTA(model, self.metrics["tta"]), {}
+        for name, split in sets.items():
+            loader = DataLoader(ImageDataset(split, transform, channels), batch_size=64,
+                                collate_fn=collate_skipping_broken)
+            logits, _, _ = predict_logits(evaluated, loader, device, dtype)
+            scores[name] = ood.energy(logits, self.temperature)
+        record["out_of_domain"] = {name: ood.flagged(s, record["threshold"]) for name, s in scores.items()}
+        record["out_of_domain"]["pooled"] = ood.flagged(torch.cat(list(scores.values())), record["threshold"])
+
+    def save(self, eval_dir: str | os.PathLike, data: DataSplits, in_chans: int, mistakes: int | None = None,
              history: list[dict] | None = None) -> None:
-        """eval/: metrics, confusion matrix, the `mistakes` most confident mistakes, samples, curves."""
+        """eval/: metrics, confusion matrix, the mistakes (the `mistakes` most confident ones, or
+        every one: None), samples, curves."""
         classes = data.classes
         shown = data.val if self.metrics.get("split") == "validation" else data.test
         ranked = rank_mistakes(self.test_logits, self.test_targets, self.test_indices, classes, self.temperature,
@@ -292,6 +322,14 @@ def evaluate_model(model: torch.nn.Module, val_loader, test_loader, classes: lis
     metrics.update(split=split, tta=tta_mode(tta), splits=splits, split_rule=SPLIT_RULE,
                    val_accuracy=splits["validation"]["accuracy"],
                    val_accuracy_ci95=splits["validation"]["accuracy_ci95"])
+    # The out-of-distribution threshold, from the validation logits as the temperature was: too few
+    # images (as for calibration) give a quantile that means nothing.
+    if len(val_targets) >= CALIBRATION_MIN_SAMPLES:
+        temperature = metrics["calibration"]["temperature"]
+        record = ood.fit_threshold(val_logits, temperature)
+        # Its false-positive rate: in-domain images of the shown split that it would flag.
+        record["in_domain"] = {split: ood.flagged(ood.energy(shown[0], temperature), record["threshold"])}
+        metrics["ood"] = record
     return Evaluation(metrics, *shown)
 
 

@@ -243,7 +243,7 @@ class _CardFacts:
 
     def body(self) -> str:
         sections = [self._intro(), self._results(), self._confusion(), self._mistakes_section(),
-                    self._calibration(), self._training(), self._usage(), self._versions(),
+                    self._calibration(), self._out_of_distribution(), self._training(), self._usage(), self._versions(),
                     f"{GENERATED_MARKER} from {CONFIG_FILE} and {EVAL_DIR}/{METRICS_FILE}; delete this line "
                     "to keep hand edits when pushing again -->"]
         return "\n\n".join(s for s in sections if s) + "\n"
@@ -402,6 +402,29 @@ class _CardFacts:
                 + table +
                 "This project's `Predictor` applies T; with plain timm, divide the logits by it yourself "
                 "(see below).")
+
+    def _out_of_distribution(self) -> str:
+        """The out-of-distribution flag (classifier.ood): its threshold and how often it fires on
+        in-domain images (false positives) and on images of none of the classes (true positives)."""
+        record = (self.metrics or {}).get("ood")
+        if not record:
+            return ""
+        lines = ["## Out-of-distribution flag", "",
+                 f"An image whose energy (logsumexp of the calibrated logits) is below **{record['threshold']:.4g}** "
+                 f"is flagged as probably none of the classes (the app says \"This may be none of the model's "
+                 f"classes\"). The threshold keeps {record['keep']:.0%} of the {record['num_fitted']:,} "
+                 f"{record.get('fitted_on', 'validation')} images, which the model never trained on.", "",
+                 "| images | kind | n | flagged |", "|---|---|---|---|"]
+        for split, rate in (record.get("in_domain") or {}).items():
+            lines.append(f"| {split} split (false positives) | in domain | {rate['n']:,} | {rate['flagged']:.1%} |")
+        for name, rate in (record.get("out_of_domain") or {}).items():
+            if rate.get("flagged") is not None:
+                label = "**all out-of-domain images**" if name == "pooled" else name
+                lines.append(f"| {label} (true positives) | out of domain | {rate['n']:,} | {rate['flagged']:.1%} |")
+        lines += ["", "The synthetic images (noise, gradients, flat colours, patterns, rendered text) are built "
+                      "by `classifier.ood`; other data sets are those the evaluation was given (`--ood-data`). "
+                      "Photos of other animals and objects are harder than these: see docs/ood_study.md."]
+        return "\n".join(lines)
 
     def _training(self) -> str:
         cfg = self.config.get("pretrained_cfg", {})

@@ -326,8 +326,12 @@ class FastCNN(_Classifier):
         x = x.contiguous(memory_format=torch.channels_last)
         return self.groups(self.act(self.whiten(x)))
 
+    def forward_head(self, x):
+        # timm's split of forward: Grad-CAM (classifier.cam) differentiates the logits by the feature map.
+        return self.fc(self.pool(x)) * self.head_scale
+
     def forward(self, x):
-        return self.fc(self.pool(self.forward_features(x))) * self.head_scale
+        return self.forward_head(self.forward_features(x))
 
 
 # ----------------------------------------------------------------------------------------------

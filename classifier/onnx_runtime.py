@@ -247,6 +247,15 @@ class OnnxPredictor:
         """{class: probability}, most likely first; `top_k` keeps only the first k."""
         return self.predict_batch([image], top_k)[0]
 
+    def predict_scored(self, image: ImageSource, top_k: int | None = None) -> tuple[dict[str, float], float]:
+        """Predictor.predict_scored's shape. The exported graph ends in probabilities, and the
+        out-of-distribution score (energy, classifier.ood) needs the logits before the softmax: no
+        score (NaN), and out_of_domain never flags, rather than a threshold applied to the wrong thing."""
+        return self.predict(image, top_k), float("nan")
+
+    def out_of_domain(self, score: float) -> bool:
+        return False
+
     def top_classes(self, probs: np.ndarray, top_k: int | None = None) -> dict[str, float]:
         """{class: probability} of one row of `probabilities`, most likely first, `top_k` of them."""
         k = min(top_k or len(self.labels), len(self.labels))

@@ -16,8 +16,11 @@ import torch
 from PIL import Image
 
 from classifier.bundle import Bundle, load_bundle
+from classifier.cam import denormalize, grad_cam_tta, overlay
 from classifier.images import ImageSource, open_image
+from classifier.ood import energy, is_out_of_domain
 from classifier.runtime import channels_last_pays
+from classifier.transforms import decoded_side
 from classifier.tta import tta_logits, tta_mode
 
 
@@ -38,12 +41,17 @@ class Predictor:
             self.model.to(memory_format=torch.channels_last)
         self.labels = self.bundle.label_names
         self.transform = self.bundle.eval_transform()
+        # Large JPEG uploads are decoded at reduced size, still well above what the transform keeps.
+        self.decoded_side = decoded_side(self.bundle.pretrained_cfg, self.bundle.source_image_size)
         self.temperature = self.bundle.temperature
         self.tta = self.bundle.tta if tta is None else tta_mode(tta)
+        # The energy below which an image is probably none of the classes (classifier.ood); None
+        # for bundles evaluated before there was one, which then never flag anything.
+        self.ood_threshold = self.bundle.ood_threshold
 
     def preprocess(self, image: ImageSource) -> torch.Tensor:
         """Open (safely: see classifier.images) and transform one image; raises ImageError."""
-        pil = open_image(image, channels=self.bundle.in_chans)
+        pil = open_image(image, channels=self.bundle.in_chans, min_side=self.decoded_side)
         return self.transform(pil)
 
     def stack(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -51,12 +59,26 @@ class Predictor:
         return torch.stack(list(images))
 
     @torch.inference_mode()
-    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+    def calibrated_logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """The logits of a preprocessed batch, with the bundle's TTA, divided by its temperature."""
         batch = batch.to(self.device)
         if self.channels_last and batch.ndim == 4:
             batch = batch.contiguous(memory_format=torch.channels_last)
         logits = tta_logits(self.model, batch, self.tta)
-        return (logits.float() / self.temperature).softmax(-1).cpu()
+        return (logits.float() / self.temperature).cpu()
+
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.calibrated_logits(batch).softmax(-1)
+
+    def predict_scored(self, image: ImageSource | Image.Image, top_k: int | None = None) -> tuple[dict[str, float], float]:
+        """({class: probability} as predict gives it, the image's out-of-distribution score) from
+        one forward pass: the score (energy, classifier.ood) costs a logsumexp of the same logits."""
+        logits = self.calibrated_logits(self.preprocess(image).unsqueeze(0))[0]
+        return self.top_classes(logits.softmax(-1), top_k), float(energy(logits))
+
+    def out_of_domain(self, score: float) -> bool:
+        """Whether predict_scored's score says the image is probably none of the classes."""
+        return is_out_of_domain(score, self.ood_threshold)
 
     def predict_batch(self, images: Sequence[ImageSource], top_k: int | None = None) -> list[dict[str, float]]:
         batch = self.stack([self.preprocess(image) for image in images])
@@ -72,3 +94,20 @@ class Predictor:
         top = probs.topk(k)
         return {self.labels[int(i)]: float(p) for p, i in zip(top.values, top.indices)}
 
+
+    def explain(self, image: ImageSource | Image.Image, label: str | None = None) -> tuple[Image.Image, str]:
+        """(the image the model saw with a Grad-CAM heatmap over it, the class explained): where it
+        found the evidence for `label`, by default its top class. Computed on the same preprocessed
+        tensor, with the same mirror averaging, as the prediction (classifier.cam); it costs a
+        forward and a backward pass per view, so it is only run when asked. Raises ImageError, and
+        classifier.cam.NoFeatureMap for a model without a convolutional feature map."""
+        x = self.preprocess(image)
+        if label is None:
+            target = int(self.probabilities(x.unsqueeze(0))[0].argmax())
+        elif label in self.labels:
+            target = self.labels.index(label)
+        else:
+            raise ValueError(f"{label!r} is not a class of this model ({', '.join(self.labels)})")
+        heatmap = grad_cam_tta(self.model, x.to(self.device), target, self.tta)
+        seen = denormalize(x, self.bundle.pretrained_cfg["mean"], self.bundle.pretrained_cfg["std"])
+        return overlay(seen, heatmap.cpu()), self.labels[target]

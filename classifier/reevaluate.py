@@ -36,6 +36,9 @@ DATA_FIELDS = ("data", "data_dir", "image_dir", "image_column", "label_column", 
 # Images per forward pass (evaluation loaders take twice this): smaller than training's batch, as
 # evaluating a bundle again often runs beside other work on a CPU.
 EVAL_BATCH_SIZE = 64
+# Images of another data set measured as out-of-domain (--ood-data): its test split's first ones,
+# enough for a rate to a couple of points, few enough to keep a CPU evaluation short.
+OOD_OTHER_LIMIT = 1000
 
 
 @dataclass
@@ -70,8 +73,18 @@ def bundle_data(bundle: Bundle, cfg: RunConfig) -> DataSplits:
     return data
 
 
-def evaluate_bundle(bundle: Bundle, cfg: RunConfig, tta: str | None = None) -> tuple[Evaluation, DataSplits]:
-    """The bundle's test metrics on cfg's data (rerun_config), with `tta` (None: the bundle's own)."""
+def ood_images(other: DataChoice, seed: int = 0) -> dict[str, Split]:
+    """{name: the first OOD_OTHER_LIMIT images of its test split}: images of none of the model's
+    classes for measuring the out-of-distribution flag (Evaluation.measure_ood)."""
+    data = load_data(other.data, data_dir=other.data_dir, image_dir=other.image_dir, seed=seed)
+    test = data.test
+    return {data.name: Split(test.items[:OOD_OTHER_LIMIT], test.targets[:OOD_OTHER_LIMIT])}
+
+
+def evaluate_bundle(bundle: Bundle, cfg: RunConfig, tta: str | None = None,
+                    ood_data: DataChoice | None = None) -> tuple[Evaluation, DataSplits]:
+    """The bundle's test metrics on cfg's data (rerun_config), with `tta` (None: the bundle's own),
+    and its out-of-distribution threshold's rates on synthetic images and `ood_data`."""
     device = pick_device(cfg.device)
     data = bundle_data(bundle, cfg)
     setup = prepare(cfg, device, data=data, source=bundle)
@@ -79,6 +92,8 @@ def evaluate_bundle(bundle: Bundle, cfg: RunConfig, tta: str | None = None) -> t
     evaluation = evaluate_model(setup.model, _progress(setup.val_loader, "validation"),
                                 _progress(setup.test_loader, "test"), data.classes, device,
                                 autocast_dtype(device, amp), bundle.tta if tta is None else tta, carved=data.carved)
+    evaluation.measure_ood(setup.model, bundle.eval_transform(), bundle.in_chans, device, autocast_dtype(device, amp),
+                           others=ood_images(ood_data) if ood_data else None)
     return evaluation, data
 
 
@@ -146,7 +161,8 @@ def evaluate_labelled(bundle: Bundle, data: DataSplits, *, tta: str | None = Non
     return Evaluation(metrics, logits, targets, indices)
 
 
-def write_evaluation(bundle: Bundle, evaluation: Evaluation, data: DataSplits, mistakes: int, command: str) -> None:
+def write_evaluation(bundle: Bundle, evaluation: Evaluation, data: DataSplits, mistakes: int | None,
+                     command: str) -> None:
     """The bundle's eval/, config.json and model card from `evaluation`; its weights are untouched
     and its training figures (epochs, time) carried over."""
     previous = bundle.eval_metrics() or {}

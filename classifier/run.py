@@ -372,6 +372,10 @@ def _run(cfg: RunConfig, given: set[str] | None) -> RunResult:
              len(data.val), len(data.test))
     evaluation = evaluate_model(model, val_loader, test_loader, data.classes, device,
                                 autocast_dtype(device, cfg.amp), cfg.tta, carved=data.carved)
+    if not distributed.is_distributed():  # each rank would measure the same images: one process only
+        # The out-of-distribution flag's rates, through the preprocessing the bundle will record.
+        evaluation.measure_ood(model, eval_transform(setup.pretrained_cfg, setup.source_image_size), setup.in_chans,
+                               device, autocast_dtype(device, cfg.amp))
     metrics = evaluation.metrics
     metrics.update(best_epoch=result.best_epoch, epochs_trained=len(result.history),
                    stopped_early=result.stopped_early, train_seconds=float(sum(r["seconds"] for r in result.history)),

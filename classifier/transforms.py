@@ -15,6 +15,7 @@ tests/test_preprocessing.py holds it, and every other path, against `eval_transf
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import timm.data
@@ -53,6 +54,16 @@ def needs_shrink(pretrained_cfg: dict, source_image_size: Sequence[int] | None) 
     """Whether the model learned from images smaller than its input (upscaled in training)."""
     _, height, width = pretrained_cfg["input_size"]
     return bool(source_image_size) and min(source_image_size) < min(height, width)
+
+
+def decoded_side(pretrained_cfg: dict, source_image_size: Sequence[int] | None = None) -> int:
+    """The largest shorter side eval_transform takes anything from: the source size a photo is
+    shrunk to first, else the side it is resized to before the crop (size / crop_pct). A decoder
+    may stop at a few times this (classifier.images: JPEG drafts)."""
+    if needs_shrink(pretrained_cfg, source_image_size):
+        return int(max(source_image_size))
+    config = data_config(pretrained_cfg)
+    return int(math.ceil(max(config["input_size"][1:]) / config.get("crop_pct", 1.0)))
 
 
 def eval_transform(pretrained_cfg: dict, source_image_size: Sequence[int] | None = None) -> T.Compose:

@@ -466,3 +466,42 @@ def test_servable_dirs_follow_hub_cache_symlinks_but_not_the_weights(tmp_path):
     assert (snapshot / "eval").resolve() in dirs and blobs.resolve() in dirs
     assert snapshot.resolve() not in dirs
     assert logic.servable_dirs(tmp_path / "no-eval") == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the model looked (Grad-CAM)
+
+
+def test_heatmap_is_computed_only_when_asked(client, predictor, tmp_path):
+    path = tmp_path / "triangle.png"
+    draw_shape("triangle", 64).save(path)
+    hidden = client.predict(handle_file(str(path)), "a-shapes", False, api_name="/heatmap")
+    # Not asked: nothing computed, the panel stays hidden and empty.
+    assert hidden["visible"] is False and hidden["value"] is None
+    shown = client.predict(handle_file(str(path)), "a-shapes", True, api_name="/heatmap")
+    assert shown["visible"] is True and "Where the model looked for" in shown["label"]
+    picture = Image.open(shown["value"]["path"])
+    assert min(picture.size) >= 256  # the 32 px input the model saw, enlarged under its heatmap
+    expected, label = predictor.explain(path)
+    assert label == next(iter(predictor.predict(path)))
+    difference = np.abs(np.asarray(picture, np.int16) - np.asarray(expected, np.int16))
+    assert difference.mean() < 1 and difference.max() <= 16, (difference.mean(), difference.max())
+
+
+def test_heatmap_of_a_bad_file_is_a_readable_error(client, tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    with pytest.raises(AppError, match=r"notes\.png .*Upload a"):
+        client.predict(handle_file(str(bad)), "a-shapes", True, api_name="/heatmap")
+
+
+def test_explain_names_the_class_and_the_mistake_at_a_gallery_place(models_dir):
+    report = logic.EvalReport.from_bundle(logic.ModelStore(logic.find_bundles(models_dir)).bundle("b-renamed"))
+    mistake = report.mistake_at(1, "wedge", "all")  # the second shown when filtering on wedge
+    assert (mistake["true"], mistake["predicted"]) == ("wedge", "disc")
+    assert Path(mistake["path"]).is_file()
+    with pytest.raises(IndexError):
+        report.mistake_at(2, "wedge", "all")
+    explanation = logic.explain(Predictor(models_dir / "b-renamed"), mistake["path"], mistake["predicted"])
+    assert explanation.label == "disc" and "disc" in explanation.title()
+    assert explanation.picture.mode == "RGB"

@@ -27,6 +27,7 @@ import app as app_module  # noqa: E402
 from classifier import app_logic  # noqa: E402
 from classifier.predict import Predictor  # noqa: E402
 from test_app import free_port, renamed_bundle  # noqa: E402
+from test_ood import with_threshold  # noqa: E402
 
 # No network here: keep Chromium from trying to phone home, and let it run as root in a container.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -45,6 +46,8 @@ def served(tiny_bundle, tmp_path_factory):
     config = json.loads((broken / "config.json").read_text())
     config["model_args"]["widths"] = [8, 8, 8]
     (broken / "config.json").write_text(json.dumps(config))
+    # A threshold no image reaches: everything is flagged as none of the classes.
+    with_threshold(tiny_bundle, models / "unfamiliar", 1e6)
     demo = app_module.build_app(models, model_id=str(models / "shapes"))
     port = free_port()
     app_module.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -152,6 +155,42 @@ def test_clicking_a_confusion_cell_filters_the_gallery(page, tmp_path):
     sync_api.expect(page.get_by_text("No test images of box were taken for wedge.")).to_be_visible()
 
 
+def test_a_cell_click_brings_the_gallery_into_view_and_a_mistake_shows_where_the_model_looked(page, tmp_path):
+    page.get_by_role("tab", name="Mistakes").click()
+    gallery = page.locator("#mistakes-gallery")
+    page.locator("#confusion [data-testid='cell-0-2']").scroll_into_view_if_needed()
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")  # the table in view, the gallery not
+    sync_api.expect(gallery).not_to_be_in_viewport(ratio=0.5)  # mostly above the top of the window
+    page.locator("#confusion [data-testid='cell-0-2']").click()  # row disc, column box: discs taken for boxes
+    captions = page.locator("#mistakes-gallery .caption-label")
+    sync_api.expect(captions).to_have_count(1, timeout=TIMEOUT_MS)
+    sync_api.expect(gallery).to_be_in_viewport(ratio=0.9, timeout=TIMEOUT_MS)
+    gallery.locator("button").filter(has=page.locator("img")).first.click()
+    heatmap = page.locator("#mistake-heatmap img")
+    sync_api.expect(heatmap).to_be_visible(timeout=TIMEOUT_MS)
+    sync_api.expect(page.locator("#mistake-heatmap")).to_contain_text("where it looked for box")
+    page.screenshot(path=str(tmp_path / "mistake-heatmap.png"), full_page=True)
+    print(f"screenshot: {tmp_path / 'mistake-heatmap.png'}")
+
+
+def test_ticking_show_where_the_model_looked_shows_the_heatmap(page, tmp_path):
+    page.get_by_role("tab", name="Classify").click()
+    image = tmp_path / "circle.png"
+    draw_shape("circle", 96).save(image)
+    page.locator("input[type=file]").first.set_input_files(str(image))
+    sync_api.expect(page.get_by_text("Predicted in")).to_be_visible()
+    sync_api.expect(page.locator("#heatmap img")).to_have_count(0)  # not asked for: not there
+    page.locator("#show-heatmap input[type=checkbox]").check()
+    sync_api.expect(page.locator("#heatmap img")).to_be_visible(timeout=TIMEOUT_MS)
+    sync_api.expect(page.locator("#heatmap")).to_contain_text("Where the model looked for")
+    # Ticked, a new upload gets its heatmap with its answer.
+    draw_shape("square", 96).save(tmp_path / "square.png")
+    page.locator("input[type=file]").first.set_input_files(str(tmp_path / "square.png"))
+    sync_api.expect(page.locator("#heatmap img")).to_be_visible(timeout=TIMEOUT_MS)
+    page.screenshot(path=str(tmp_path / "heatmap.png"), full_page=True)
+    print(f"screenshot: {tmp_path / 'heatmap.png'}")
+
+
 def choose_model(page, name: str) -> None:
     page.get_by_label("Model").first.click()
     page.get_by_role("option", name=name, exact=True).click()
@@ -174,3 +213,46 @@ def test_a_model_that_will_not_load_shows_why_and_keeps_the_last_one(page, tmp_p
     sync_api.expect(page.get_by_text("The model tells apart: circle, square, triangle.")).to_be_visible()
     page.screenshot(path=str(tmp_path / "broken-model.png"), full_page=True)
     print(f"screenshot: {tmp_path / 'broken-model.png'}")
+
+
+def test_an_image_past_the_bundles_threshold_is_called_none_of_the_classes(page, tmp_path):
+    choose_model(page, "unfamiliar")
+    sync_api.expect(page.locator("#headline")).to_have_text(
+        re.compile(r"^\s*This may be none of the model's classes \(closest: (circle|square|triangle) [<>]?[\d.]+%\)"),
+        timeout=TIMEOUT_MS)
+    page.screenshot(path=str(tmp_path / "none-of-the-classes.png"), full_page=True)
+    print(f"screenshot: {tmp_path / 'none-of-the-classes.png'}")
+
+
+def test_phone_width_layout_does_not_overflow(page, served, tmp_path):
+    """At 390 px (a phone), the page scrolls only up and down: nothing pushes the main column
+    sideways, on any tab, and the components' labels are not squeezed to a few letters a line."""
+    phone = page.context.browser.new_page(viewport={"width": 390, "height": 844})  # the module's Chromium
+    try:
+        phone.set_default_timeout(TIMEOUT_MS)
+        phone.goto(served[0], wait_until="domcontentloaded")
+        image = tmp_path / "upload.png"
+        draw_shape("circle", 96).save(image)
+        phone.locator("input[type=file]").first.set_input_files(str(image))
+        sync_api.expect(phone.get_by_text("Predicted in")).to_be_visible()
+        for tab in ("Classify", "Mistakes", "Model"):
+            phone.get_by_role("tab", name=tab).click()
+            phone.wait_for_timeout(500)
+            width = phone.evaluate("document.documentElement.scrollWidth")
+            assert width <= 390, f"the {tab} tab is {width} px wide at a 390 px viewport"
+            # Every visible label is at least a short word wide, at most two lines tall, and no word
+            # of it is broken across lines (more lines than words).
+            squeezed = phone.evaluate("""() => [...document.querySelectorAll(
+                    'label, [data-testid="block-label"], #model-summary :is(td, th):first-child')]
+                .filter(e => e.offsetParent !== null && e.innerText.trim())
+                .filter(e => { const text = document.createRange();
+                               text.selectNodeContents(e);  // the words' own box, not a table row's height
+                               const r = text.getBoundingClientRect(), h = parseFloat(getComputedStyle(e).lineHeight) || 20;
+                               const lines = new Set([...text.getClientRects()].map(b => Math.round(b.top))).size;
+                               return r.width < 40 || r.height > 2.5 * h || (e.matches('td, th') && lines > e.innerText.trim().split(/\s+/).length); })
+                .map(e => e.innerText.trim())""")
+            assert not squeezed, f"squeezed labels on the {tab} tab: {squeezed}"
+            phone.screenshot(path=str(tmp_path / f"phone-{tab.lower()}.png"), full_page=True)
+        print(f"screenshots: {tmp_path}/phone-*.png")
+    finally:
+        phone.close()

@@ -100,3 +100,51 @@ def test_refuses_decompression_bomb():
 def test_missing_file(tmp_path):
     with pytest.raises(ImageError, match="no such file"):
         open_image(tmp_path / "nope.jpg")
+
+
+def _large_photo(path, width=4000, height=3000, orientation=None):
+    """A smooth, photo-like JPEG (colour gradients and a disc), large enough to be drafted."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    pixels = np.stack([xx / width * 255, yy / height * 255, ((xx + yy) / (width + height)) * 255], -1)
+    disc = (xx - width * 0.3) ** 2 + (yy - height * 0.6) ** 2 < (height * 0.2) ** 2
+    pixels[disc] = (230, 40, 40)
+    image = Image.fromarray(pixels.astype(np.uint8))
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    image.save(path, quality=90, exif=exif)
+    return path
+
+
+def test_large_jpeg_is_drafted_but_never_below_what_preprocessing_needs(tmp_path):
+    path = _large_photo(tmp_path / "big.jpg")
+    whole = open_image(path)
+    drafted = open_image(path, min_side=160)
+    assert whole.size == (4000, 3000)
+    # 1/4 keeps 750 px (>= 4 x 160; 1/8 would keep 375); the decoder's scales are 1/2, 1/4, 1/8.
+    assert drafted.size == (1000, 750) and drafted.mode == "RGB"
+    # The same picture, smaller: averaged down, the two agree closely.
+    reference = np.asarray(whole.resize(drafted.size, Image.BOX), np.float32)
+    assert np.abs(np.asarray(drafted, np.float32) - reference).mean() < 3
+    assert open_image(path, min_side=1000).size == (4000, 3000)  # 4 x 1000 > 3000 / 2: decoded whole
+    small = _large_photo(tmp_path / "small.jpg", 2000, 1500)  # 3 megapixels: decoded whole, always
+    assert open_image(small, min_side=32).size == (2000, 1500)
+    png = tmp_path / "big.png"
+    whole.save(png)
+    assert open_image(png, min_side=160).size == (4000, 3000)  # no draft for other formats
+
+
+def test_drafted_jpeg_keeps_its_exif_rotation(tmp_path):
+    path = _large_photo(tmp_path / "phone.jpg", orientation=6)  # rotate 90 degrees clockwise to display
+    assert open_image(path, min_side=160).size == (750, 1000)
+
+
+def test_predictor_on_a_drafted_jpeg_agrees_with_the_whole_decode(tmp_path):
+    from classifier.predict import Predictor
+
+    path = _large_photo(tmp_path / "big.jpg")
+    predictor = Predictor("assets/models/cifar10-cnn")
+    drafted = predictor.predict(path)
+    whole = predictor.top_classes(predictor.probabilities(predictor.transform(open_image(path)).unsqueeze(0))[0])
+    assert next(iter(drafted)) == next(iter(whole))
+    assert max(abs(drafted[k] - whole[k]) for k in whole) < 0.05

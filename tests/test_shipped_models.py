@@ -127,3 +127,24 @@ def test_the_cards_first_way_loads_the_model_without_this_project(name, tmp_path
     predictor = Predictor(load_bundle(folder))
     expected = [next(iter(predictor.predict(photo))) for photo in EXAMPLES]
     assert result["answers"] == expected
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLES))
+def test_names_no_example_photo_none_of_the_classes_and_flags_most_junk(name):
+    """The out-of-distribution flag (classifier.ood) stored by the bundle's evaluation: silent on
+    real photos of its classes, loud on images of none of them, as the app computes it."""
+    from PIL import Image
+
+    from classifier import ood
+
+    predictor = Predictor(load_bundle(BUNDLES[name]))
+    assert predictor.ood_threshold is not None, f"{name} has no out-of-distribution threshold: evaluate it again"
+    flagged = [photo.name for photo in EXAMPLES if predictor.out_of_domain(predictor.predict_scored(photo)[1])]
+    assert not flagged, f"{name} calls {flagged} none of its classes"
+    junk = [Image.fromarray(image) for kind in ("flat colour", "gradient", "noise")
+            for image in ood.synthetic_images(kind, 10, seed=1)]
+    share = sum(predictor.out_of_domain(predictor.predict_scored(image)[1]) for image in junk) / len(junk)
+    assert share > 0.8, f"{name} flags only {share:.0%} of flat colours, gradients and noise"
+    recorded = json.loads((Path(BUNDLES[name]) / "eval" / "metrics.json").read_text())["ood"]
+    assert recorded["in_domain"]["test"]["flagged"] < 0.07  # ~5% by construction, on the test split
+    assert recorded["out_of_domain"]["pooled"]["flagged"] > 0.5

@@ -22,8 +22,8 @@ from classifier.bundle import MISTAKES_DIR, is_hub_id, load_bundle
 from classifier.cli.common import DEFAULTS, add_running_options, command_line, report
 from classifier.errors import USER_ERRORS, BundleError
 from classifier.intervals import describe_accuracy
-from classifier.reevaluate import (EVAL_BATCH_SIZE, DataChoice, evaluate_bundle, evaluate_labelled, labelled_images,
-                                   rerun_config, write_evaluation)
+from classifier.reevaluate import (EVAL_BATCH_SIZE, OOD_OTHER_LIMIT, DataChoice, evaluate_bundle, evaluate_labelled,
+                                   labelled_images, rerun_config, write_evaluation)
 from classifier.runtime import pick_device
 from classifier.tta import TTA_MODES, tta_mode
 
@@ -44,7 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loader", choices=["auto", "memory", "workers"], default=DEFAULTS.loader)
     add_running_options(p)
     p.add_argument("--mistakes", type=int, default=None,
-                   help="with --write: misclassified test images to keep (default: as many as its training kept)")
+                   help="with --write: misclassified test images to keep, most confident first (default: every one)")
+    p.add_argument("--ood-data", metavar="NAME",
+                   help="labelled images of none of the model's classes (e.g. fashion-mnist for a CIFAR-10 model) "
+                        "to measure the out-of-distribution flag on, beside the synthetic images; at most "
+                        f"{OOD_OTHER_LIMIT:,} of its test split")
+    p.add_argument("--ood-data-dir", help="with --ood-data: where it lives")
     p.add_argument("--write", action="store_true",
                    help="make this evaluation the bundle's own (a local folder only): eval/, config.json, README.md")
     return p
@@ -81,6 +86,17 @@ def comparison_table(recorded: dict, measured: dict) -> str:
     return "\n".join(lines)
 
 
+def ood_table(record: dict) -> str:
+    """The out-of-distribution flag's threshold and the share of each set it flags."""
+    lines = [f"out-of-distribution flag: energy below {record['threshold']:.4g} (keeps {record['keep']:.0%} of "
+             f"{record['num_fitted']:,} validation images)", f"{'images':<28}{'n':>7}  flagged"]
+    rates = {f"{split} (in domain)": rate for split, rate in (record.get("in_domain") or {}).items()}
+    rates.update(record.get("out_of_domain") or {})
+    lines += [f"{name:<28}{rate['n']:>7,}  {rate['flagged']:.1%}" for name, rate in rates.items()
+              if rate.get("flagged") is not None]
+    return "\n".join(lines)
+
+
 def per_class_table(metrics: dict) -> str:
     """Markdown: each class the data has, its images and accuracy (recall) with its 95% interval."""
     lines = ["| class | images | accuracy | 95% interval |", "|---|---|---|---|"]
@@ -112,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = rerun_config(bundle, args.bundle, batch_size=args.batch_size, loader=args.loader,
                                workers=args.workers, device=args.device)
             print(f"loading {cfg.data} as {args.bundle} was trained on it ...", file=sys.stderr, flush=True)
-            evaluation, data = evaluate_bundle(bundle, cfg, args.tta)
+            other = DataChoice(args.ood_data, args.ood_data_dir) if args.ood_data else None
+            evaluation, data = evaluate_bundle(bundle, cfg, args.tta, ood_data=other)
     except USER_ERRORS as exc:
         return report(exc)
     seconds = time.perf_counter() - begun
@@ -131,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.bundle} on the {m['split']} split of {data.name} ({len(split):,} images), {device}, "
               f"{seconds:.0f} s\n")
         print(comparison_table(bundle.metrics(), m))
+        if m.get("ood"):
+            print("\n" + ood_table(m["ood"]))
     if args.write:
-        kept = bundle.project.get("training", {}).get("mistakes", DEFAULTS.mistakes)  # as training kept
-        write_evaluation(bundle, evaluation, data, args.mistakes if args.mistakes is not None else kept,
-                         command_line(argv, PROG))
+        write_evaluation(bundle, evaluation, data, args.mistakes, command_line(argv, PROG))
         print(f"\nwrote {bundle.path}/eval, config.json and README.md (mistakes in eval/{MISTAKES_DIR}/)")
     return 0
 

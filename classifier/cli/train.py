@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate with test-time augmentation, which the bundle records and the app then "
                         "predicts with: flip (the mirror image, 2x the work), flip-shift (and 1-pixel shifts, 6x)")
     g.add_argument("--mistakes", type=non_negative_int, default=d.mistakes,
-                   help="how many misclassified images of the split eval/ shows to keep in the bundle")
+                   help="how many misclassified images of the split eval/ shows to keep in the bundle, most "
+                        "confident first (default: every one; their thumbnails are small)")
     g.add_argument("--push-to-hub", metavar="OWNER/NAME", type=repo_id_value, default=None,
                    help="after training, upload the bundle with its model card to this Hub model repository")
     g.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
