@@ -145,10 +145,10 @@ class Embedder:
     def embed(self, paths: list[str], pcfg: dict, source_size: list[int] | None,
               progress: Progress = _no_progress) -> tuple[torch.Tensor, dict[int, str]]:
         """(embeddings [N, D], {index: why} for the images that could not be read; their rows are 0)."""
-        from classifier.transforms import eval_transform
+        from classifier.transforms import decoded_side, eval_transform
 
         transform = eval_transform(pcfg, source_size)
-        side = int(round(pcfg["input_size"][-1] / pcfg["crop_pct"]))  # the shorter side the resize needs
+        side = decoded_side(pcfg, source_size)  # as the Predictor decodes: the embeddings match serving
         setting = json.dumps([self.backbone, pcfg, source_size], sort_keys=True)
         features = torch.zeros(len(paths), self.num_features)
         problems: dict[int, str] = {}
