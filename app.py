@@ -19,8 +19,7 @@ from classifier import app_logic as logic
 from classifier.allocator import keep_freed_memory
 from classifier.bundle import CONFUSION_PNG, CURVES_PNG, SAMPLES_PNG
 from classifier import teach_set
-from classifier.cam import NoFeatureMap
-from classifier.errors import BundleError, DataError, HubError, ImageError
+from classifier.errors import BundleError, DataError, HubError, ImageError, NoFeatureMap
 from classifier.serving import DEFAULT_RUNTIME, RUNTIMES, torch_importable
 from classifier.teacher import TRAININGS_AT_ONCE, Teacher
 

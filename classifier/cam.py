@@ -29,6 +29,7 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
+from classifier.errors import NoFeatureMap
 from classifier.tta import tta_mode
 
 # The overlay's colours, from cold (no evidence) to hot: blue, cyan, green, yellow, red, the order
@@ -37,10 +38,6 @@ _STOPS = np.array([[0, 0, 128], [0, 0, 255], [0, 255, 255], [0, 255, 0], [255, 2
                    [128, 0, 0]], dtype=np.float64)
 OVERLAY_ALPHA = 0.5  # the heatmap's share of each pixel: enough to see it, little enough to see the image
 MIN_DISPLAY_SIDE = 256  # a 32 px input is shown enlarged, or its heatmap would be a few dots
-
-
-class NoFeatureMap(ValueError):
-    """The model has no convolutional feature map to explain (a plain MLP, say)."""
 
 
 def _last_feature_map(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

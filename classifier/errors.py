@@ -75,4 +75,10 @@ class StalledRank(UserError, RuntimeError):
 
 
 # What the command lines catch and print as one line.
+class NoFeatureMap(UserError, ValueError):
+    """No heatmap of where the model looked can be made: the model has no convolutional feature map
+    (a plain MLP, say), or it is served without torch (an ONNX export). Here, not in classifier.cam,
+    so that the app can name it without importing torch."""
+
+
 USER_ERRORS = (UserError,)

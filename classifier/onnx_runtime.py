@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from classifier.errors import UserError
+from classifier.errors import NoFeatureMap, UserError
 from classifier.images import ImageSource, open_image
 
 ONNX_FILE = "model.onnx"
@@ -255,6 +255,10 @@ class OnnxPredictor:
 
     def out_of_domain(self, score: float) -> bool:
         return False
+
+    def explain(self, image: ImageSource, label: str | None = None):
+        raise NoFeatureMap("a heatmap of where the model looked needs the model's feature maps, which an ONNX "
+                           "export does not give; serve the bundle with torch (--runtime torch) to see it")
 
     def top_classes(self, probs: np.ndarray, top_k: int | None = None) -> dict[str, float]:
         """{class: probability} of one row of `probabilities`, most likely first, `top_k` of them."""

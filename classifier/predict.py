@@ -100,7 +100,7 @@ class Predictor:
         found the evidence for `label`, by default its top class. Computed on the same preprocessed
         tensor, with the same mirror averaging, as the prediction (classifier.cam); it costs a
         forward and a backward pass per view, so it is only run when asked. Raises ImageError, and
-        classifier.cam.NoFeatureMap for a model without a convolutional feature map."""
+        classifier.errors.NoFeatureMap for a model without a convolutional feature map."""
         x = self.preprocess(image)
         if label is None:
             target = int(self.probabilities(x.unsqueeze(0))[0].argmax())

@@ -42,6 +42,9 @@ def add_class(page, name: str, files: list[str]) -> None:
     sync_api.expect(picker).not_to_contain_text("Uploading")
     page.locator("#teach-add").click()
     sync_api.expect(page.locator("#teach-counts")).to_contain_text(name)
+    # The add empties the picker after it succeeds: wait for that, or the next class's files could
+    # land in the picker just before it is emptied.
+    sync_api.expect(picker).to_contain_text("Drop File Here")
 
 
 @pytest.mark.parametrize("width", [1280, 390])

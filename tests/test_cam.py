@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from classifier.cam import NoFeatureMap, colorize, grad_cam, grad_cam_tta, overlay, peak_position
+from classifier.errors import NoFeatureMap
+from classifier.cam import colorize, grad_cam, grad_cam_tta, overlay, peak_position
 from classifier.predict import Predictor
 
 SIZE = 32
