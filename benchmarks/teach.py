@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from classifier.data import IMAGE_EXTENSIONS, _unpack_archive  # noqa: E402
+from classifier.data import _unpack_archive  # noqa: E402
+from classifier.images import IMAGE_EXTENSIONS  # noqa: E402
 from classifier.intervals import wilson_interval  # noqa: E402
 from classifier.predict import Predictor  # noqa: E402
 from classifier.teach import Embedder, teach, train_longer  # noqa: E402
