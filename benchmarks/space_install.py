@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,14 +41,6 @@ RESULT = ROOT / "benchmarks" / "results" / "space_install.md"
 
 def du_bytes(path: Path) -> int:
     return int(subprocess.run(["du", "-sb", str(path)], capture_output=True, text=True, check=True).stdout.split()[0])
-
-
-def cpu_index_answers() -> bool:
-    try:
-        with urllib.request.urlopen(f"{space.CPU_TORCH_INDEX}/torch/", timeout=10) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
 
 
 def requirements_for(runtime: str) -> tuple[str, str]:
@@ -109,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runtimes", nargs="+", choices=space.RUNTIMES, default=list(space.RUNTIMES))
     parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args(argv)
-    cpu_index = cpu_index_answers()
+    cpu_index = space.cpu_index_answers()
     rows = []
     for runtime in args.runtimes:
         requirements, source = requirements_for(runtime)

@@ -28,6 +28,7 @@ import os
 import platform
 import re
 import shutil
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -75,6 +76,16 @@ LOCK_DIGEST = re.compile(r"^# from requirements sha256 ([0-9a-f]{64})$", re.MULT
 # Remote folders a deploy replaces wholesale, so a model dropped from the list leaves the Space.
 REPLACED_ON_DEPLOY = [f"{MODELS_DIR}/**", f"{EXAMPLES_DIR}/**", f"{PACKAGE}/**"]
 _JUNK = shutil.ignore_patterns("__pycache__", "*.pyc", "*.tmp")
+
+
+def cpu_index_answers(timeout: float = 10) -> bool:
+    """Whether PyTorch's CPU index can be reached from here (tools/lock.py and
+    benchmarks/space_install.py fall back to PyPI, and say so, where it cannot)."""
+    try:
+        with urllib.request.urlopen(f"{CPU_TORCH_INDEX}/torch/", timeout=timeout) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
 
 
 @dataclass

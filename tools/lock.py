@@ -30,7 +30,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,14 +39,6 @@ from classifier import space  # noqa: E402
 
 TARGETS = ("space-onnx", "space-torch", "ci")
 DEV_REQUIREMENTS = ROOT / "requirements-dev.txt"
-
-
-def cpu_index_answers() -> bool:
-    try:
-        with urllib.request.urlopen(f"{space.CPU_TORCH_INDEX}/torch/", timeout=10) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
 
 
 def resolve(requirements: str, cwd: Path) -> list[tuple[str, str]]:
@@ -102,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("targets", nargs="*", choices=[[], *TARGETS], default=list(TARGETS), metavar="TARGET",
                         help=f"one or more of {', '.join(TARGETS)} (default: all)")
     args = parser.parse_args(argv)
-    cpu_index = cpu_index_answers()
+    cpu_index = space.cpu_index_answers()
     (ROOT / space.LOCK_DIR).mkdir(exist_ok=True)
     for target in args.targets or TARGETS:
         text = lock(target, cpu_index)
