@@ -23,6 +23,20 @@ CLASSES = ("circle", "square", "triangle")
 COLOURS = {"circle": (220, 40, 40), "square": (40, 180, 40), "triangle": (40, 60, 220)}
 
 
+# The start of a script for a child interpreter where torch, torchvision and timm cannot be imported
+# (an inference-only install, an ONNX Space): a meta-path finder ahead of the real ones refuses them.
+WITHOUT_TORCH = """
+import importlib.abc, json, sys
+
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("torch", "torchvision", "timm"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NoTorch())
+"""
+
+
 def draw_shape(kind: str, size: int = 32, rng: np.random.Generator | None = None) -> Image.Image:
     """A noisy image of one coloured shape at a random place: easy to learn, not trivial."""
     rng = rng or np.random.default_rng(0)

@@ -23,6 +23,7 @@ from classifier.bundle import load_bundle
 from classifier.cli import deploy as deploy_cli
 from classifier.errors import BundleError, HubError, UserError
 from classifier.publish import files_to_upload
+from conftest import WITHOUT_TORCH
 from tests.test_hub import TOKEN, FakeHub, assert_token_nowhere, point_hub_client_at
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,15 +184,7 @@ def test_deploy_failures_are_clear_and_never_show_the_token(monkeypatch, bundles
 
 # The staged ONNX Space, run where torch, torchvision and timm cannot be imported (its requirements
 # install none of them): the app starts on runtime auto and classifies through its own logic.
-ONNX_SPACE_STARTS = """
-import importlib.abc, json, sys
-
-class NoTorch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in ("torch", "torchvision", "timm"):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-
-sys.meta_path.insert(0, NoTorch())
+ONNX_SPACE_STARTS = WITHOUT_TORCH + """
 import app, classifier
 from classifier import app_logic
 assert classifier.__file__.startswith(sys.argv[1]), classifier.__file__

@@ -19,6 +19,7 @@ from classifier.images import open_image
 from classifier.onnx_runtime import (FORMAT_KEY, INFO_FILE, INPUT_NAME, LOGITS_NAME, ONNX_FILE,
                                      PROBABILITIES_NAME, EvalTransform, OnnxModelError, OnnxPredictor)
 from classifier.predict import Predictor
+from conftest import WITHOUT_TORCH
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS_DIR, EXAMPLES_DIR = ROOT / "assets" / "models", ROOT / "assets" / "examples"
@@ -139,15 +140,7 @@ def test_export_describes_itself(exported, name):
 
 # Run in a child interpreter where torch, torchvision and timm cannot be imported, as on an
 # inference-only install: a meta-path finder ahead of the real ones refuses them.
-TORCH_FREE = """
-import importlib.abc, json, sys
-
-class NoTorch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in ("torch", "torchvision", "timm"):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-
-sys.meta_path.insert(0, NoTorch())
+TORCH_FREE = WITHOUT_TORCH + """
 try:
     import torch
     sys.exit("the blocker let torch in")

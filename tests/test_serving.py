@@ -18,6 +18,7 @@ from classifier.errors import BundleError, UserError
 from classifier.onnx_runtime import ONNX_FILE
 from classifier.predict import Predictor
 from classifier.serving import BundleOnnxPredictor, load_predictor, pick_runtime
+from conftest import WITHOUT_TORCH
 
 ROOT = Path(__file__).resolve().parents[1]
 CNN = ROOT / "assets" / "models" / "cifar10-cnn"  # ships its model.onnx (python -m classifier export)
@@ -29,15 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # The app's logic in a child interpreter where torch, torchvision and timm cannot be imported (a
 # Space whose requirements install onnxruntime only): runtime "auto" must find the model.onnx.
-APP_WITHOUT_TORCH = """
-import importlib.abc, json, sys
-
-class NoTorch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in ("torch", "torchvision", "timm"):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-
-sys.meta_path.insert(0, NoTorch())
+APP_WITHOUT_TORCH = WITHOUT_TORCH + """
 from classifier import app_logic
 
 store = app_logic.ModelStore(app_logic.model_choices(sys.argv[1]), runtime="auto", threads=1)
@@ -117,7 +110,7 @@ def test_predict_command_on_onnx_answers_as_on_torch(capsys):
         assert max(abs(ours["predictions"][k] - theirs["predictions"][k]) for k in theirs["predictions"]) < TOLERANCE
 
 
-PREDICT_WITHOUT_TORCH = APP_WITHOUT_TORCH.split("from classifier import app_logic")[0] + """
+PREDICT_WITHOUT_TORCH = WITHOUT_TORCH + """
 from classifier.cli import main
 
 sys.exit(main(sys.argv[1:]))
