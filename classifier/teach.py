@@ -288,8 +288,10 @@ def _model_with_head(embedder: Embedder, weight: torch.Tensor, bias: torch.Tenso
 
 def _write_bundle(out: Path, model: nn.Module, embedder: Embedder, classes: list[str], pcfg: dict,
                   source_size, evaluation: Evaluation, split: Split, training: dict,
-                  history: list[dict] | None = None) -> Path:
-    project = {"dataset": DATASET_NAME, "num_train": len(split), "num_val": len(split), "num_test": 0,
+                  history: list[dict] | None = None, *, num_train: int) -> Path:
+    """The bundle at `out`; eval/ shows `split`, the images the figures were measured on (all of them
+    for a cross-validated head, the held-out 20% for a fine-tuned network)."""
+    project = {"dataset": DATASET_NAME, "num_train": num_train, "num_val": len(split), "num_test": 0,
                **evaluation.project_fields(), "parameters": count_parameters(model), "pretrained": True,
                "base_model": f"timm/{embedder.backbone}", "training": training}
     if source_size:
@@ -313,7 +315,8 @@ def _metrics(logits: torch.Tensor, targets: torch.Tensor, classes: list[str], va
     return metrics
 
 
-def _usable(images: TeachingSet, paths: list[str], problems: dict[int, str], limits: Limits) -> TeachingSet:
+def _refuse_unusable(images: TeachingSet, paths: list[str], problems: dict[int, str], limits: Limits) -> None:
+    """DataError where leaving out the images in `problems` leaves a class empty or too small."""
     bad = {paths[i] for i in problems}
     kept = {name: [p for p in files if p not in bad] for name, files in images.items()}
     empty = [name for name, files in kept.items() if not files]
@@ -323,7 +326,33 @@ def _usable(images: TeachingSet, paths: list[str], problems: dict[int, str], lim
     why = readiness(kept, limits)
     if why:
         raise DataError(why + ("; left out: " + "; ".join(problems.values()) if problems else ""))
-    return kept
+
+
+@dataclass
+class _Embedded:
+    """A teaching set's usable images, in class order, with their embeddings and preprocessing."""
+
+    classes: list[str]
+    paths: list[str]
+    targets: torch.Tensor
+    features: torch.Tensor
+    pcfg: dict
+    source_size: list[int] | None
+    problems: list[str]  # the images left out, with why
+
+
+def _embed_set(images: TeachingSet, embedder: Embedder, limits: Limits,
+               progress: Progress = _no_progress) -> _Embedded:
+    """Embed every image of `images` and drop those that cannot be read; DataError where that leaves
+    a class with too few (teach and train_longer both start here)."""
+    classes, paths, targets = _flatten(images)
+    pcfg, source_size = embedder.preprocessing(paths)
+    features, problems = embedder.embed(paths, pcfg, source_size, progress)
+    if problems:
+        _refuse_unusable(images, paths, problems, limits)
+        keep = torch.tensor([i not in problems for i in range(len(paths))])
+        paths, features, targets = [p for i, p in enumerate(paths) if i not in problems], features[keep], targets[keep]
+    return _Embedded(classes, paths, targets, features, pcfg, source_size, [problems[i] for i in sorted(problems)])
 
 
 def teach(images: TeachingSet, out: str | Path, embedder: Embedder, progress: Progress = _no_progress,
@@ -335,14 +364,8 @@ def teach(images: TeachingSet, out: str | Path, embedder: Embedder, progress: Pr
     why = readiness(images, limits)
     if why:
         raise DataError(why)
-    classes, paths, targets = _flatten(images)
-    pcfg, source_size = embedder.preprocessing(paths)
-    features, problems = embedder.embed(paths, pcfg, source_size, lambda f, t: progress(0.9 * f, t))
-    if problems:
-        images = _usable(images, paths, problems, limits)
-        keep = torch.tensor([i not in problems for i in range(len(paths))])
-        classes, paths, features, targets = list(images), [p for i, p in enumerate(paths) if i not in problems], \
-            features[keep], targets[keep]
+    embedded = _embed_set(images, embedder, limits, lambda f, t: progress(0.9 * f, t))
+    classes, paths, targets, features = embedded.classes, embedded.paths, embedded.targets, embedded.features
     progress(0.92, "fitting and cross-validating the head")
     folds = min(FOLDS, int(torch.bincount(targets).min()))
     oof = cross_validate(features, targets, len(classes), folds, l2)
@@ -358,9 +381,9 @@ def teach(images: TeachingSet, out: str | Path, embedder: Embedder, progress: Pr
     evaluation = Evaluation(metrics, oof, targets, torch.arange(len(paths)))
     training = {"method": "a linear head (logistic regression, L-BFGS) on the frozen backbone's embeddings",
                 "l2": l2, "folds": folds, "class_weights": "inverse class frequency", "frozen_backbone": True}
-    _write_bundle(Path(out), model, embedder, classes, pcfg, source_size, evaluation, split, training)
-    shown = [problems[i] for i in sorted(problems)]
-    return Taught(Path(out), classes, metrics, time.perf_counter() - started, "head", shown)
+    _write_bundle(Path(out), model, embedder, classes, embedded.pcfg, embedded.source_size, evaluation, split,
+                  training, num_train=len(paths))
+    return Taught(Path(out), classes, metrics, time.perf_counter() - started, "head", embedded.problems)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,13 +415,8 @@ def train_longer(images: TeachingSet, out: str | Path, work_dir: str | Path, emb
     otherwise `taught` comes back with a note saying so. Stop (`should_stop`) ends it after the
     current epoch, keeping the best epoch so far by the same rule."""
     started = time.perf_counter()
-    classes, paths, targets = _flatten(images)
-    pcfg, source_size = embedder.preprocessing(paths)
-    features, problems = embedder.embed(paths, pcfg, source_size)
-    if problems:
-        images = _usable(images, paths, problems, limits)
-        classes, paths, targets = _flatten(images)
-        features, _ = embedder.embed(paths, pcfg, source_size)
+    embedded = _embed_set(images, embedder, limits)
+    classes, paths, targets, features = embedded.classes, embedded.paths, embedded.targets, embedded.features
     held = holdout_split(targets)
     train = Split([p for p, h in zip(paths, held) if not h], targets[~held].numpy())
     val = Split([p for p, h in zip(paths, held) if h], targets[held].numpy())
@@ -410,7 +428,7 @@ def train_longer(images: TeachingSet, out: str | Path, work_dir: str | Path, emb
     head_loss = float(nn.functional.cross_entropy(head_logits, targets[held]))
 
     device = pick_device("auto")
-    size = int(pcfg["input_size"][-1])
+    size = int(embedded.pcfg["input_size"][-1])
     cfg = RunConfig(data=DATASET_NAME, model=embedder.backbone, pretrained=True, image_size=size,
                     epochs=epochs, batch_size=min(32, max(8, len(train) // 4)), freeze_epochs=0,
                     backbone_lr_scale=0.1, loader="workers", workers=0, out=str(work_dir))
@@ -420,8 +438,7 @@ def train_longer(images: TeachingSet, out: str | Path, work_dir: str | Path, emb
     with torch.no_grad():  # start from the fitted head, not from zero: fine-tuning refines it
         model.get_classifier().weight.copy_(weight)
         model.get_classifier().bias.copy_(bias)
-    config = replace(TrainConfig.from_run(cfg, new_head=False, lr=cfg.resolved_lr(fine_tuning=True)),
-                     backbone_lr_scale=0.1)
+    config = TrainConfig.from_run(cfg, new_head=False, lr=cfg.resolved_lr(fine_tuning=True))
 
     done = []
 
@@ -469,6 +486,6 @@ def train_longer(images: TeachingSet, out: str | Path, work_dir: str | Path, emb
     if out.exists():
         shutil.rmtree(out)
     _write_bundle(out, model, embedder, classes, setup.pretrained_cfg, setup.source_image_size, evaluation, val,
-                  training, history)
+                  training, history, num_train=len(train))
     return Taught(out, classes, metrics, seconds, "fine-tuned", taught.problems,
                   f"{stopped}Trained longer: {compared}, so the fine-tuned model replaces it.")
