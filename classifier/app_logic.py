@@ -8,6 +8,7 @@ tests call directly, and the app never re-derives anything from training data: i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -191,16 +192,24 @@ class Prediction:
         return f"Predicted in **{self.seconds * 1000:.1f} ms** (decode, resize and model, on the CPU)"
 
 
-def classify(predictor, image: ImageSource, top_k: int | None = None) -> Prediction:
-    """A timed, calibrated prediction; an unusable image raises ImageError naming the file by its
-    own name (not the server's temporary path, which means nothing to the person uploading)."""
-    start = time.perf_counter()
+@contextlib.contextmanager
+def _named_by_upload(image: ImageSource):
+    """An ImageError from reading `image` names the file by its own name (upload_error), not the
+    server's temporary path, which means nothing to the person uploading."""
     try:
-        probabilities, score = predictor.predict_scored(image, top_k=top_k)
+        yield
     except ImageError as exc:
         if isinstance(image, (str, os.PathLike)):
             raise ImageError(upload_error(Path(image).name, exc)) from exc
         raise
+
+
+def classify(predictor, image: ImageSource, top_k: int | None = None) -> Prediction:
+    """A timed, calibrated prediction; an unusable image raises ImageError naming the file by its
+    own name (not the server's temporary path, which means nothing to the person uploading)."""
+    start = time.perf_counter()
+    with _named_by_upload(image):
+        probabilities, score = predictor.predict_scored(image, top_k=top_k)
     return Prediction(probabilities, time.perf_counter() - start, predictor.out_of_domain(score))
 
 
@@ -220,12 +229,8 @@ def explain(predictor: Predictor, image: ImageSource, label: str | None = None) 
     """Where the model found the evidence for `label` (by default its top class) in `image`, timed;
     bad images raise ImageError with the upload's own name, as classify does."""
     start = time.perf_counter()
-    try:
+    with _named_by_upload(image):
         picture, label = predictor.explain(image, label)
-    except ImageError as exc:
-        if isinstance(image, (str, os.PathLike)):
-            raise ImageError(upload_error(Path(image).name, exc)) from exc
-        raise
     return Explanation(picture, label, time.perf_counter() - start)
 
 
