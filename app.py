@@ -177,7 +177,9 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
                     heatmap = gr.Image(label="Where the model looked (Grad-CAM)", visible=False,
                                        interactive=False, height=300, elem_id="heatmap", format="png")
             examples = logic.example_images(examples_dir)
+            # Gradio shows the captions in place of the thumbnails: the photo appears on click.
             example_gallery = gr.Examples(examples, inputs=image, label="Examples (click one)",
+                                          example_labels=[logic.example_caption(p) for p in examples],
                                           cache_examples=False,
                                           examples_per_page=len(examples)) if examples else None
         with gr.Tab("Mistakes"):

@@ -422,8 +422,7 @@ GCOMPRIS_FOLDERS = {  # folder inside the .rcc -> relation of the photos in it t
     "explore_monuments/resource": "far",
 }
 # already in assets/examples (the same photograph, resized): kept, but marked
-IN_EXAMPLES = {("explore_farm_animals", "dog"), ("erase", "horse"), ("erase", "kingfisher"),
-               ("explore_world_animals", "moose")}
+IN_EXAMPLES = {("explore_farm_animals", "dog"), ("erase", "horse"), ("erase", "kingfisher")}
 
 
 def read_rcc(data: bytes) -> dict[str, bytes]:

@@ -248,6 +248,13 @@ def example_images(folder: str | os.PathLike = EXAMPLES_DIR) -> list[str]:
     return [str(p) for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
+def example_caption(path: str | os.PathLike) -> str:
+    """The caption the app shows for an example photo: its file's stem, which is the class it shows
+    ("deer.jpg" -> "deer"), so a person knows the true class before clicking. One word keeps ten of
+    them on a phone's screen."""
+    return Path(path).stem
+
+
 # ----------------------------------------------------------------------------------------------
 # Mistakes
 

@@ -172,6 +172,19 @@ def test_classifies_a_shipped_example(client, predictor):
     assert_same(probs, predictor.predict(example))
 
 
+def test_examples_are_captioned_with_the_class_they_show(models_dir):
+    """Each example photo is captioned with its class (the file's stem), so a person knows the true
+    class before clicking; the captions are what the page's Examples show."""
+    import gradio as gr
+
+    demo = app_module.build_app(models_dir)
+    photos = logic.example_images()
+    assert photos, "no example photos shipped"
+    captions = [block.sample_labels for block in demo.blocks.values() if isinstance(block, gr.Dataset)]
+    assert captions == [[Path(photo).stem for photo in photos]]
+    assert "deer" in captions[0]
+
+
 def _bomb_png() -> bytes:
     """A valid PNG header claiming 20000 x 20000 pixels (400 MP), with almost no data behind it."""
     def chunk(kind: bytes, data: bytes) -> bytes:

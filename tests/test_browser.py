@@ -80,6 +80,15 @@ def test_upload_shows_the_top_class(page, served, tmp_path):
     print(f"screenshot: {tmp_path / 'classify.png'}")
 
 
+def test_example_captions_name_the_class_of_each_photo(page):
+    captions = [app_logic.example_caption(photo) for photo in app_logic.example_images()]
+    assert "deer" in captions
+    examples = page.locator(".gallery-item")
+    sync_api.expect(examples).to_have_text(captions)  # one caption per example, in order
+    for n in range(len(captions)):
+        sync_api.expect(examples.nth(n)).to_be_visible()
+
+
 def _counting_classify(monkeypatch) -> list[str]:
     """Wraps the app's classify so a test can count the predictions the server really ran."""
     calls: list[str] = []
