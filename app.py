@@ -17,6 +17,7 @@ import pandas as pd
 
 from classifier import app_logic as logic
 from classifier.allocator import keep_freed_memory
+from classifier.batching import DEFAULT_MAX_BATCH
 from classifier.bundle import CONFUSION_PNG, CURVES_PNG, SAMPLES_PNG
 from classifier import teach_set
 from classifier.errors import BundleError, DataError, HubError, ImageError, NoFeatureMap
@@ -25,7 +26,7 @@ from classifier.teacher import TRAININGS_AT_ONCE, Teacher
 
 MAX_FILE_SIZE = "10mb"  # a photo worth classifying is far smaller; bigger uploads are refused unread
 QUEUE_SIZE = 64  # requests waiting beyond this are turned away at once instead of timing out
-CONCURRENCY = 2  # predictions run at the same time; each gets cpu_count / CONCURRENCY torch threads
+CONCURRENCY = 2  # callbacks of one kind run at the same time (unbatched: each gets cpu_count / CONCURRENCY threads)
 TOP_K = 5
 # At phone width the Model tab's table gave its first column a few letters a line ("Arch / itec /
 # ture"): its names keep whole words, and the values wrap instead.
@@ -61,11 +62,15 @@ class ModelView(NamedTuple):
 
 def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
               examples_dir=logic.EXAMPLES_DIR, runtime: str = DEFAULT_RUNTIME,
-              threads: int | None = None, teach_root=None) -> gr.Blocks:
+              threads: int | None = None, teach_root=None, max_batch: int = DEFAULT_MAX_BATCH) -> gr.Blocks:
     """The Blocks app, queued, with the default model loaded (so a broken default fails here, at
     start-up, with BundleError or HubError) and every other model loaded on first use.
-    `teach_root`: where the Train tab writes taught models (default: teacher.ROOT, in the temp dir)."""
-    store = logic.ModelStore(logic.model_choices(models_dir, model_id), runtime, threads)
+    `teach_root`: where the Train tab writes taught models (default: teacher.ROOT, in the temp dir).
+    `max_batch` over 1: predictions asked for at the same time share forward passes (classifier.batching)."""
+    store = logic.ModelStore(logic.model_choices(models_dir, model_id), runtime, threads, max_batch)
+    # Batched, as many predictions as one batch holds must be let in at once to meet in it; they
+    # decode their images side by side, and the forward passes run one at a time in the batcher.
+    predicting = {"concurrency_id": "predict", "concurrency_limit": max(CONCURRENCY, max_batch)}
     shipped = list(store.names)
     teacher = Teacher(store.add, store.remove, **({"root": teach_root} if teach_root else {}))
     if not store.choices:
@@ -229,17 +234,17 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
         # is the person's own upload, paste, photo or clear; an example click sets the image from the
         # server, which is no input, so it gets its own prediction after the image is set.
         clear_on_failure(image.input(predict, [image, model], result, api_name="classify",
-                                     preprocess=False, trigger_mode="always_last"))
+                                     preprocess=False, trigger_mode="always_last", **predicting))
         if example_gallery is not None:
             clear_on_failure(example_gallery.load_input_event.then(
-                predict, [image, model], result, preprocess=False, api_visibility="private"))
+                predict, [image, model], result, preprocess=False, api_visibility="private", **predicting))
         switch = model.change(model_view, model, [classes_note, true_filter, predicted_filter, gallery,
                                                   mistakes_note, most_confused, confusion, confusion_png,
                                                   per_class, summary, curves, samples], api_name="select_model")
         # A model that will not load leaves its error on screen and the dropdown back on the model
         # the page still shows, so the two never disagree; a good one re-classifies the image.
         clear_on_failure(switch.success(lambda name: name, model, shown_model, api_visibility="private").then(
-            predict, [image, model], result, preprocess=False, api_visibility="private"))
+            predict, [image, model], result, preprocess=False, api_visibility="private", **predicting))
         switch.failure(lambda previous: previous, shown_model, model, api_visibility="private")
         gr.on([true_filter.input, predicted_filter.input], show_mistakes,
               [model, true_filter, predicted_filter], [gallery, mistakes_note], api_name="mistakes",
@@ -423,6 +428,14 @@ def train_tab(teacher: Teacher, model: gr.Dropdown, shipped: list[str]) -> None:
                                    concurrency_limit=TRAININGS_AT_ONCE, concurrency_id="training")
 
 
+def forward_threads() -> int:
+    """Threads per forward pass: the cores split between the CONCURRENCY passes that may run at once
+    (unbatched predictions, or a batch beside a Grad-CAM). Batched, one pass at a time given every
+    core was slower on 2 cores: its threads' spinning took the CPU that Gradio and the decoding need
+    (16 clients: 10.2 against 14.5 requests/s, benchmarks/results/app_latency_cpu.md)."""
+    return max(1, (os.cpu_count() or 1) // CONCURRENCY)
+
+
 def launch(app: gr.Blocks, **kwargs):
     """Launch with the limits every deployment needs; tests and benchmarks call this too."""
     return app.launch(max_file_size=MAX_FILE_SIZE, css=CSS, **kwargs)
@@ -436,16 +449,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runtime", choices=RUNTIMES, default=os.environ.get("RUNTIME", DEFAULT_RUNTIME),
                         help="torch, onnx (the bundles' model.onnx on onnxruntime) or auto: torch where installed, "
                              "else onnx (default: $RUNTIME, else auto)")
+    parser.add_argument("--max-batch", type=int, default=int(os.environ.get("MAX_BATCH", DEFAULT_MAX_BATCH)),
+                        help="predictions asked for at the same time share forward passes of up to this many "
+                             f"images; 1 runs each alone (default: $MAX_BATCH, else {DEFAULT_MAX_BATCH})")
+    parser.add_argument("--threads", type=int, default=None,
+                        help=f"threads per forward pass (default: cores / {CONCURRENCY})")
     parser.add_argument("--host", default=None, help="default: $GRADIO_SERVER_NAME or 127.0.0.1")
     parser.add_argument("--port", type=int, default=None, help="default: $GRADIO_SERVER_PORT or 7860")
     args = parser.parse_args(argv)
+    if args.max_batch < 1:
+        parser.error(f"--max-batch must be at least 1, not {args.max_batch}")
     # Predictions reuse the memory the last one freed instead of faulting it in afresh, bounded so that
     # floods of large uploads do not grow the app (see classifier/allocator.py); before any thread starts.
     keep_freed_memory(serving=True)
-    # Split the cores between the predictions that may run at once, so they do not oversubscribe.
-    threads = max(1, (os.cpu_count() or 1) // CONCURRENCY)
+    threads = args.threads or forward_threads()
     try:
-        app = build_app(args.models_dir, args.model, runtime=args.runtime, threads=threads)
+        app = build_app(args.models_dir, args.model, runtime=args.runtime, threads=threads,
+                        max_batch=args.max_batch)
     except (BundleError, HubError) as exc:
         sys.exit(f"app.py: cannot start: {exc}")
     if "torch" in sys.modules:  # torch's threads are process-wide; onnxruntime's were set per session

@@ -19,6 +19,7 @@ from typing import Sequence
 
 from PIL import Image
 
+from classifier.batching import BatchingPredictor
 from classifier.bundle import CONFIG_FILE, EVAL_DIR, MISTAKES_FILE, Bundle, lineage
 from classifier.errors import BundleError, HubError, ImageError
 from classifier.images import IMAGE_EXTENSIONS, ImageSource
@@ -95,11 +96,14 @@ class ModelStore:
     "onnx"): torch's Predictor or onnxruntime on the bundle's model.onnx, which answer alike.
     Gradio runs callbacks in worker threads, so two requests may ask for a model at the same time;
     a lock per model makes the second wait for the first load instead of loading it twice.
+    `max_batch` over 1: the predictions asked for at the same time share forward passes, up to that
+    many images each (classifier.batching).
     """
 
-    def __init__(self, choices: dict[str, str], runtime: str = DEFAULT_RUNTIME, threads: int | None = None):
+    def __init__(self, choices: dict[str, str], runtime: str = DEFAULT_RUNTIME, threads: int | None = None,
+                 max_batch: int = 1):
         self.choices = dict(choices)
-        self.runtime, self.threads = runtime, threads
+        self.runtime, self.threads, self.max_batch = runtime, threads, max_batch
         self._predictors: dict = {}
         self._locks = {name: threading.Lock() for name in self.choices}
 
@@ -124,6 +128,8 @@ class ModelStore:
                 # runtime's lazy set-up (allocators, kernel choice), which made the first request
                 # several times slower.
                 predictor.predict(Image.new("RGB", (64, 64)))
+                if self.max_batch > 1:
+                    predictor = BatchingPredictor(predictor, self.max_batch)
                 self._predictors[name] = predictor
             return self._predictors[name]
 
@@ -134,7 +140,9 @@ class ModelStore:
 
     def remove(self, name: str) -> None:
         self.choices.pop(name, None)
-        self._predictors.pop(name, None)
+        predictor = self._predictors.pop(name, None)
+        if isinstance(predictor, BatchingPredictor):
+            predictor.close()  # its worker thread would otherwise wait for work for good
 
     @staticmethod
     def _load(location: str, runtime: str, threads: int | None):

@@ -247,11 +247,16 @@ class OnnxPredictor:
         """{class: probability}, most likely first; `top_k` keeps only the first k."""
         return self.predict_batch([image], top_k)[0]
 
-    def predict_scored(self, image: ImageSource, top_k: int | None = None) -> tuple[dict[str, float], float]:
-        """Predictor.predict_scored's shape. The exported graph ends in probabilities, and the
+    def scored_probabilities(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Predictor.scored_probabilities' shape. The exported graph ends in probabilities, and the
         out-of-distribution score (energy, classifier.ood) needs the logits before the softmax: no
         score (NaN), and out_of_domain never flags, rather than a threshold applied to the wrong thing."""
-        return self.predict(image, top_k), float("nan")
+        return self.probabilities(batch), np.full(len(batch), np.nan, dtype=np.float32)
+
+    def predict_scored(self, image: ImageSource, top_k: int | None = None) -> tuple[dict[str, float], float]:
+        """({class: probability} as predict gives it, NaN: see scored_probabilities)."""
+        probabilities, scores = self.scored_probabilities(self.stack([self.preprocess(image)]))
+        return self.top_classes(probabilities[0], top_k), float(scores[0])
 
     def out_of_domain(self, score: float) -> bool:
         return False

@@ -70,11 +70,17 @@ class Predictor:
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         return self.calibrated_logits(batch).softmax(-1)
 
+    def scored_probabilities(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, classes) calibrated probabilities of a preprocessed batch and each image's
+        out-of-distribution score, from one forward pass: the score (energy, classifier.ood) costs a
+        logsumexp of the same logits."""
+        logits = self.calibrated_logits(batch)
+        return logits.softmax(-1), energy(logits)
+
     def predict_scored(self, image: ImageSource | Image.Image, top_k: int | None = None) -> tuple[dict[str, float], float]:
-        """({class: probability} as predict gives it, the image's out-of-distribution score) from
-        one forward pass: the score (energy, classifier.ood) costs a logsumexp of the same logits."""
-        logits = self.calibrated_logits(self.preprocess(image).unsqueeze(0))[0]
-        return self.top_classes(logits.softmax(-1), top_k), float(energy(logits))
+        """({class: probability} as predict gives it, the image's out-of-distribution score)."""
+        probabilities, scores = self.scored_probabilities(self.preprocess(image).unsqueeze(0))
+        return self.top_classes(probabilities[0], top_k), float(scores[0])
 
     def out_of_domain(self, score: float) -> bool:
         """Whether predict_scored's score says the image is probably none of the classes."""
