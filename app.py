@@ -194,20 +194,20 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
                 predicted_filter = gr.Dropdown(initial.predicted_filter.choices, value=logic.ALL,
                                                label="Predicted class", elem_id="predicted-filter")
             mistakes_note = gr.Markdown(initial.mistakes_note)
-            gallery = gr.Gallery(initial.gallery, label="Misclassified test images: true (its p) → predicted (p)",
+            gallery = gr.Gallery(initial.gallery, label="Misclassified images: true (its p) → predicted (p)",
                                  columns=5, height=480, object_fit="contain", fit_columns=False,
                                  elem_id="mistakes-gallery")
             mistake_cam = gr.Image(label="Click a mistake to see where the model looked", interactive=False,
                                    height=300, visible=False, elem_id="mistake-heatmap", format="png")
             # The pairs to look at first, without reading the whole matrix (fastai's most_confused).
             most_confused = gr.Dataframe(initial.most_confused, interactive=False, elem_id="most-confused",
-                                         label="Most confused pairs (test set)")
+                                         label="Most confused pairs")
             with gr.Row():
                 confusion = gr.Dataframe(initial.confusion, interactive=False, elem_id="confusion",
                                          label="Confusion matrix (rows true, columns predicted): "
                                                "click a cell to see those mistakes")
                 confusion_png = gr.Image(initial.confusion_png, label="Confusion matrix", interactive=False)
-            per_class = gr.Dataframe(initial.per_class, interactive=False, label="Per-class metrics (test set)")
+            per_class = gr.Dataframe(initial.per_class, interactive=False, label="Per-class metrics")
         with gr.Tab("Model"):
             summary = gr.Markdown(initial.summary, elem_id="model-summary")
             with gr.Row():

@@ -269,7 +269,8 @@ def example_caption(path: str | os.PathLike) -> str:
 
 @dataclass
 class EvalReport:
-    """A bundle's eval/ folder: the test metrics and the saved misclassified examples."""
+    """A bundle's eval/ folder: the metrics of the split it shows (test, or validation for a bundle
+    measured on held-out or cross-validated images, as taught ones are) and its saved mistakes."""
 
     labels: list[str]
     eval_dir: Path
@@ -285,6 +286,11 @@ class EvalReport:
         # Keep only entries whose thumbnail is there: a gallery of broken images helps no one.
         mistakes = [m for m in mistakes if (eval_dir / m["file"]).is_file()]
         return cls(bundle.label_names, eval_dir, metrics, mistakes)
+
+    @property
+    def split(self) -> str:
+        """The split the metrics and mistakes come from, as the texts name it: "test" or "validation"."""
+        return self.metrics.get("split", "test")
 
     @property
     def confusion_matrix(self) -> list[list[int]]:
@@ -319,11 +325,11 @@ class EvalReport:
             return "This bundle has no evaluation (no eval/ folder)."
         if shown == 0 and not (true not in (ALL, None) and true == predicted):
             return self.empty_note(true, predicted)
-        text = f"**{shown}** misclassified test image{'s' if shown != 1 else ''} shown"
-        errors = self.errors_in_test_set(true, predicted)
+        text = f"**{shown}** misclassified {self.split} image{'s' if shown != 1 else ''} shown"
+        errors = self.errors_in_split(true, predicted)
         if errors is not None and errors != shown:
             # The bundle keeps the highest-loss mistakes only (training's --mistakes).
-            text += f" of {errors} in the test set (the bundle keeps the most confident mistakes)"
+            text += f" of {errors} in the {self.split} set (the bundle keeps the most confident mistakes)"
         if true not in (ALL, None) and true == predicted:
             text += f". *{true} → {true}* are the correct predictions: pick two different classes"
         return text + "."
@@ -332,9 +338,9 @@ class EvalReport:
         """Why the gallery is empty, in plain words: an empty gallery alone reads as a broken page.
         It tells apart "the model never made this mistake" from "it did, but the bundle kept
         other mistakes" (only the most confident ones are saved)."""
-        true_part = "test images" if true in (ALL, None) else f"test images of {true}"
+        true_part = f"{self.split} images" + ("" if true in (ALL, None) else f" of {true}")
         predicted_part = "" if predicted in (ALL, None) else f" for {predicted}"
-        errors = self.errors_in_test_set(true, predicted)
+        errors = self.errors_in_split(true, predicted)
         if errors is None:  # no confusion matrix: only the saved mistakes are known
             return "No saved mistakes match these classes."
         if errors:
@@ -356,8 +362,8 @@ class EvalReport:
     def most_confused_table(self, limit: int = 10) -> tuple[list[str], list[list]]:
         return ["true", "predicted", "images"], [list(pair) for pair in self.most_confused(limit)]
 
-    def errors_in_test_set(self, true: str = ALL, predicted: str = ALL) -> int | None:
-        """How many test images the confusion matrix counts as `true` predicted as `predicted`."""
+    def errors_in_split(self, true: str = ALL, predicted: str = ALL) -> int | None:
+        """How many images of the split the confusion matrix counts as `true` predicted as `predicted`."""
         matrix = self.confusion_matrix
         if not matrix:
             return None
@@ -460,7 +466,7 @@ def model_summary(bundle: Bundle, location: str) -> str:
         ("Classes", ", ".join(bundle.label_names)),
         ("Dataset", dataset),
         ("Pretrained from", base),
-        ("Test accuracy", _percent(metrics.get("accuracy"))
+        (f"{metrics.get('split', 'test').capitalize()} accuracy", _percent(metrics.get("accuracy"))
          + (f" (macro F1 {metrics['macro_f1']:.3f})" if "macro_f1" in metrics else "")),
         ("Test-time augmentation", describe_tta(bundle.tta) + (", in testing and here" if bundle.tta != "none" else "")),
         ("Calibration", f"temperature {bundle.temperature:.3f}; expected calibration error "

@@ -322,15 +322,21 @@ def evaluate_model(model: torch.nn.Module, val_loader, test_loader, classes: lis
     metrics.update(split=split, tta=tta_mode(tta), splits=splits, split_rule=SPLIT_RULE,
                    val_accuracy=splits["validation"]["accuracy"],
                    val_accuracy_ci95=splits["validation"]["accuracy_ci95"])
-    # The out-of-distribution threshold, from the validation logits as the temperature was: too few
-    # images (as for calibration) give a quantile that means nothing.
-    if len(val_targets) >= CALIBRATION_MIN_SAMPLES:
-        temperature = metrics["calibration"]["temperature"]
-        record = ood.fit_threshold(val_logits, temperature)
-        # Its false-positive rate: in-domain images of the shown split that it would flag.
-        record["in_domain"] = {split: ood.flagged(ood.energy(shown[0], temperature), record["threshold"])}
+    record = ood_record(val_logits, metrics["calibration"]["temperature"], shown[0], split)
+    if record:
         metrics["ood"] = record
     return Evaluation(metrics, *shown)
+
+
+def ood_record(val_logits: torch.Tensor, temperature: float, shown_logits: torch.Tensor, split: str) -> dict | None:
+    """The out-of-distribution threshold (classifier.ood), from the validation logits as the
+    temperature was, with its false-positive rate on the shown `split`; None where there are too
+    few validation images (as for calibration), whose quantile would mean nothing."""
+    if len(val_logits) < CALIBRATION_MIN_SAMPLES:
+        return None
+    record = ood.fit_threshold(val_logits, temperature)
+    record["in_domain"] = {split: ood.flagged(ood.energy(shown_logits, temperature), record["threshold"])}
+    return record
 
 
 def _thumbnail(image: Image.Image, max_side: int = 160) -> Image.Image:

@@ -409,11 +409,14 @@ class _CardFacts:
         record = (self.metrics or {}).get("ood")
         if not record:
             return ""
+        fitted_on = record.get("fitted_on", "validation")
+        fitted = (f"{record['num_fitted']:,} images taught, each scored by a head fitted without it (cross-validation)"
+                  if fitted_on == "out-of-fold" else
+                  f"{record['num_fitted']:,} {fitted_on} images, which the model never trained on")
         lines = ["## Out-of-distribution flag", "",
                  f"An image whose energy (logsumexp of the calibrated logits) is below **{record['threshold']:.4g}** "
                  f"is flagged as probably none of the classes (the app says \"This may be none of the model's "
-                 f"classes\"). The threshold keeps {record['keep']:.0%} of the {record['num_fitted']:,} "
-                 f"{record.get('fitted_on', 'validation')} images, which the model never trained on.", "",
+                 f"classes\"). The threshold keeps {record['keep']:.0%} of the {fitted}.", "",
                  "| images | kind | n | flagged |", "|---|---|---|---|"]
         for split, rate in (record.get("in_domain") or {}).items():
             lines.append(f"| {split} split (false positives) | in domain | {rate['n']:,} | {rate['flagged']:.1%} |")

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -37,13 +38,15 @@ from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from classifier.bundle import EVAL_DIR, make_config, save_bundle
 from classifier.config import RunConfig, TrainConfig
 from classifier.data import DataSplits, Split
 from classifier.errors import DataError, ImageError
-from classifier.evaluate import (Evaluation, calibrated_metrics, compute_metrics, predict_logits,
+from classifier import ood
+from classifier.evaluate import (Evaluation, calibrated_metrics, compute_metrics, ood_record, predict_logits,
                                  split_summary)
 from classifier.images import open_image
 from classifier.loop import BEST_WEIGHTS, fit
@@ -68,6 +71,9 @@ EMBED_BATCH = 32
 DECODE_THREADS = 2
 CACHE_ENTRIES = 20_000  # embeddings kept (1,280 floats each: about 100 MB at most)
 DATASET_NAME = "images taught in the app"
+# Synthetic out-of-domain images of each of classifier.ood's kinds, to measure a taught model's
+# "none of my classes" flag: 60 more images to embed, about a second, cached after the first time.
+OOD_PER_KIND = 10
 
 Progress = Callable[[float, str], None]
 
@@ -355,6 +361,29 @@ def _embed_set(images: TeachingSet, embedder: Embedder, limits: Limits,
     return _Embedded(classes, paths, targets, features, pcfg, source_size, [problems[i] for i in sorted(problems)])
 
 
+def _ood_record(embedder: Embedder, embedded: _Embedded, oof: torch.Tensor, temperature: float,
+                weight: torch.Tensor, bias: torch.Tensor) -> dict | None:
+    """The out-of-distribution threshold (classifier.ood) fitted on the out-of-fold logits, which no
+    head saw in training, as an evaluation fits it on the validation split; with the share of
+    classifier.ood's synthetic images (noise, gradients, text...) that the final head flags."""
+    record = ood_record(oof, temperature, oof, "validation")
+    if record is None:
+        return None
+    record["fitted_on"] = "out-of-fold"  # each image scored by a head fitted without it
+    with tempfile.TemporaryDirectory(prefix="ood-") as tmp:
+        paths = {kind: [] for kind in ood.SYNTHETIC_KINDS}
+        for kind in ood.SYNTHETIC_KINDS:
+            for i, pixels in enumerate(ood.synthetic_images(kind, OOD_PER_KIND)):
+                paths[kind].append(str(Path(tmp) / f"{kind.replace(' ', '-')}-{i}.png"))
+                Image.fromarray(pixels).save(paths[kind][-1])
+        features, _ = embedder.embed([p for kind in paths.values() for p in kind], embedded.pcfg,
+                                     embedded.source_size)
+    scores = ood.energy(features @ weight.T + bias, temperature).split(OOD_PER_KIND)
+    record["out_of_domain"] = {kind: ood.flagged(s, record["threshold"]) for kind, s in zip(paths, scores)}
+    record["out_of_domain"]["pooled"] = ood.flagged(torch.cat(scores), record["threshold"])
+    return record
+
+
 def teach(images: TeachingSet, out: str | Path, embedder: Embedder, progress: Progress = _no_progress,
           limits: Limits = LIMITS, l2: float = L2) -> Taught:
     """Fit a head for `images` on `embedder`'s backbone, measure it by cross-validation, and write the
@@ -375,6 +404,10 @@ def teach(images: TeachingSet, out: str | Path, embedder: Embedder, progress: Pr
                        f"out-of-fold predictions of {folds}-fold cross-validation over all the images")
     metrics["cross_validation"] = {"folds": folds, "num_samples": len(paths)}
     weight, bias = fit_head(features, targets, len(classes), l2)
+    progress(0.94, "measuring the \"none of my classes\" flag")
+    record = _ood_record(embedder, embedded, oof, metrics["calibration"]["temperature"], weight, bias)
+    if record:
+        metrics["ood"] = record
     model = _model_with_head(embedder, weight, bias)
     progress(0.97, "writing the model")
     split = Split(paths, targets.numpy())

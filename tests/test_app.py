@@ -421,7 +421,7 @@ def test_confusion_cell_sets_both_filters(models_dir):
     assert report.filters_for_cell("wedge", 1) == ("wedge", "disc")
     assert report.filters_for_cell("wedge", 0) == ("wedge", "all")  # the row's name: all its mistakes
     assert len(report.gallery(*report.filters_for_cell("wedge", 1))) == 2
-    assert report.errors_in_test_set("wedge", "disc") == 2 and report.errors_in_test_set() == 4
+    assert report.errors_in_split("wedge", "disc") == 2 and report.errors_in_split() == 4
 
 
 def test_most_confused_pairs_come_from_the_confusion_matrix(models_dir):

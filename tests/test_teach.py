@@ -187,6 +187,33 @@ def test_teach_writes_a_bundle_that_predicts_the_new_classes(tmp_path, embedder)
     assert not any("looking at the images" in text for text in again)
 
 
+def test_a_taught_model_says_none_of_its_classes_with_a_threshold_fitted_out_of_fold(tmp_path, embedder):
+    from classifier.evaluate import CALIBRATION_MIN_SAMPLES
+    from classifier.model_card import render_model_card
+    from classifier.predict import Predictor
+    from classifier.teach import OOD_PER_KIND, teach
+
+    taught = teach(make_set(tmp_path / "set", per_class=12), tmp_path / "bundle", embedder)
+    record = taught.metrics["ood"]
+    assert record["fitted_on"] == "out-of-fold" and record["num_fitted"] == 24
+    assert record["in_domain"]["validation"]["n"] == 24
+    assert record["out_of_domain"]["pooled"]["n"] == 6 * OOD_PER_KIND
+    predictor = Predictor(tmp_path / "bundle")
+    assert predictor.ood_threshold == pytest.approx(record["threshold"])  # the app's Predictor uses it
+    card = render_model_card(tmp_path / "bundle")
+    assert "keeps 95% of the 24 images taught, each scored by a head fitted without it" in card
+    assert "**all out-of-domain images** (true positives) | out of domain | 60 |" in card
+    # The app names the split a taught model was measured on: no "test" images where there were none.
+    from classifier import app_logic as logic
+
+    report = logic.EvalReport.from_bundle(predictor.bundle)
+    assert report.split == "validation" and "validation image" in report.summary() and "test" not in report.summary()
+    assert "Validation accuracy" in logic.model_summary(predictor.bundle, str(tmp_path / "bundle"))
+    # Too few images for a quantile that means anything: no threshold, and nothing is ever flagged.
+    small = teach(make_set(tmp_path / "small", per_class=(CALIBRATION_MIN_SAMPLES - 1) // 2), tmp_path / "b2", embedder)
+    assert "ood" not in small.metrics and Predictor(tmp_path / "b2").ood_threshold is None
+
+
 def test_teach_refuses_a_class_with_no_usable_image(tmp_path, embedder):
     from classifier.teach import teach
 
