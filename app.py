@@ -29,9 +29,17 @@ QUEUE_SIZE = 64  # requests waiting beyond this are turned away at once instead 
 CONCURRENCY = 2  # callbacks of one kind run at the same time (unbatched: each gets cpu_count / CONCURRENCY threads)
 TOP_K = 5
 # At phone width the Model tab's table gave its first column a few letters a line ("Arch / itec /
-# ture"): its names keep whole words, and the values wrap instead.
+# ture"): its names keep whole words, and the values wrap instead. The example photos (#examples):
+# one row of ten at desktop width, five below 1100 px, three on a phone, so each caption
+# ("automobile") fits whole on its thumbnail; the gallery is as tall as its rows (no inner scrolling),
+# and its columns shrink with the page instead of overflowing it (Gradio's are 100px at least).
 CSS = ("#model-summary :is(td, th):first-child "
-       "{ min-width: 9em; word-break: normal; overflow-wrap: normal; hyphens: none; }")
+       "{ min-width: 9em; word-break: normal; overflow-wrap: normal; hyphens: none; }"
+       " #examples .grid-wrap { min-height: 0; max-height: none; overflow-y: visible; }"
+       " #examples .grid-container { grid-template-columns: repeat(var(--grid-cols), minmax(0, 1fr)); }"
+       " #examples .caption-label { max-width: calc(100% - 2 * var(--block-label-margin)); }"
+       " @media (max-width: 1100px) { #examples .grid-container { grid-template-columns: repeat(5, minmax(0, 1fr)); } }"
+       " @media (max-width: 640px) { #examples .grid-container { grid-template-columns: repeat(3, minmax(0, 1fr)); } }")
 
 
 def _user_error(exc: Exception, title: str) -> gr.Error:
@@ -182,11 +190,13 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
                     heatmap = gr.Image(label="Where the model looked (Grad-CAM)", visible=False,
                                        interactive=False, height=300, elem_id="heatmap", format="png")
             examples = logic.example_images(examples_dir)
-            # Gradio shows the captions in place of the thumbnails: the photo appears on click.
-            example_gallery = gr.Examples(examples, inputs=image, label="Examples (click one)",
-                                          example_labels=[logic.example_caption(p) for p in examples],
-                                          cache_examples=False,
-                                          examples_per_page=len(examples)) if examples else None
+            # The photos themselves, each captioned with its class (gr.Examples' labels would replace
+            # the thumbnails); a click puts the photo into the image above and classifies it.
+            example_gallery = gr.Gallery([(p, logic.example_caption(p)) for p in examples],
+                                         label="Examples (click one)", elem_id="examples",
+                                         columns=len(examples), height="auto", object_fit="contain",
+                                         allow_preview=False, interactive=False, buttons=[],
+                                         fit_columns=False) if examples else None
         with gr.Tab("Mistakes"):
             with gr.Row():
                 true_filter = gr.Dropdown(initial.true_filter.choices, value=logic.ALL, label="True class",
@@ -236,7 +246,10 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
         clear_on_failure(image.input(predict, [image, model], result, api_name="classify",
                                      preprocess=False, trigger_mode="always_last", **predicting))
         if example_gallery is not None:
-            clear_on_failure(example_gallery.load_input_event.then(
+            def show_example(selected: gr.SelectData):
+                return examples[selected.index]
+
+            clear_on_failure(example_gallery.select(show_example, None, image, api_visibility="private").then(
                 predict, [image, model], result, preprocess=False, api_visibility="private", **predicting))
         switch = model.change(model_view, model, [classes_note, true_filter, predicted_filter, gallery,
                                                   mistakes_note, most_confused, confusion, confusion_png,

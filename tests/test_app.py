@@ -173,16 +173,21 @@ def test_classifies_a_shipped_example(client, predictor):
 
 
 def test_examples_are_captioned_with_the_class_they_show(models_dir):
-    """Each example photo is captioned with its class (the file's stem), so a person knows the true
-    class before clicking; the captions are what the page's Examples show."""
+    """Each example photo is shown with its class (the file's stem) as its caption, so a person sees
+    the photo and knows the true class before clicking."""
     import gradio as gr
 
     demo = app_module.build_app(models_dir)
     photos = logic.example_images()
     assert photos, "no example photos shipped"
-    captions = [block.sample_labels for block in demo.blocks.values() if isinstance(block, gr.Dataset)]
-    assert captions == [[Path(photo).stem for photo in photos]]
-    assert "deer" in captions[0]
+    galleries = [block for block in demo.blocks.values()
+                 if isinstance(block, gr.Gallery) and block.elem_id == "examples"]
+    assert len(galleries) == 1
+    assert not any(isinstance(block, gr.Dataset) for block in demo.blocks.values())  # no label-only Examples
+    shown = galleries[0].value
+    assert [Path(item["image"]["path"]) for item in shown] == [Path(photo) for photo in photos]
+    assert [item["caption"] for item in shown] == [Path(photo).stem for photo in photos]
+    assert "deer" in [item["caption"] for item in shown]
 
 
 def _bomb_png() -> bytes:

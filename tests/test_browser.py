@@ -83,10 +83,17 @@ def test_upload_shows_the_top_class(page, served, tmp_path):
 def test_example_captions_name_the_class_of_each_photo(page):
     captions = [app_logic.example_caption(photo) for photo in app_logic.example_images()]
     assert "deer" in captions
-    examples = page.locator(".gallery-item")
+    examples = page.locator("#examples .gallery-item")
     sync_api.expect(examples).to_have_text(captions)  # one caption per example, in order
-    for n in range(len(captions)):
-        sync_api.expect(examples.nth(n)).to_be_visible()
+    for n, caption in enumerate(captions):
+        example = examples.nth(n)
+        sync_api.expect(example).to_be_visible()
+        sync_api.expect(example.locator("img")).to_be_visible()  # the photo itself, not only its label
+        sync_api.expect(example.locator("img")).to_have_attribute("src", re.compile(re.escape(Path(
+            app_logic.example_images()[n]).name) + "$"))
+        label = example.locator(".caption-label")
+        sync_api.expect(label).to_have_text(caption)
+        assert label.evaluate("e => e.scrollWidth <= e.clientWidth"), f"{caption!r} is cut short"
 
 
 def _counting_classify(monkeypatch) -> list[str]:
@@ -119,8 +126,9 @@ def test_each_upload_and_example_click_predicts_once(page, tmp_path, monkeypatch
         draw_shape(kind, 96).save(image)
         page.locator("input[type=file]").first.set_input_files(str(image))
         _wait_for(calls, n, page)
-    page.locator(".gallery-item, button.gallery").first.click()  # the first example
+    page.locator("#examples .gallery-item button").first.click()  # the first example
     _wait_for(calls, 4, page)
+    assert Path(calls[-1]).name == Path(app_logic.example_images()[0]).name  # the example's photo
     sync_api.expect(page.get_by_text("Predicted in")).to_be_visible()
 
 
@@ -262,6 +270,12 @@ def test_phone_width_layout_does_not_overflow(page, served, tmp_path):
                 .map(e => e.innerText.trim())""")
             assert not squeezed, f"squeezed labels on the {tab} tab: {squeezed}"
             phone.screenshot(path=str(tmp_path / f"phone-{tab.lower()}.png"), full_page=True)
+            if tab == "Classify":  # the example captions whole ("automobile", not "automobi..."), on screen
+                cut = phone.evaluate("""() => [...document.querySelectorAll('#examples .caption-label')]
+                    .filter(e => e.scrollWidth > e.clientWidth || e.getBoundingClientRect().right > innerWidth
+                                 || e.getBoundingClientRect().right > e.closest('button').getBoundingClientRect().right)
+                    .map(e => e.innerText.trim())""")
+                assert not cut, f"example captions cut at 390 px: {cut}"
         print(f"screenshots: {tmp_path}/phone-*.png")
     finally:
         phone.close()
