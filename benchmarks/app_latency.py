@@ -247,6 +247,17 @@ def main(argv: list[str] | None = None) -> None:
             rate = measured[name, clients].per_second
             print(f"- {clients} clients, {name}: {rate:.1f} requests/s = {rate / floor:.2f}x the no-op's "
                   f"{floor:.1f}; goal 0.8x or more")
+    # Where the time goes: clients and server share this machine's cores, so the requests/s above are
+    # bounded by both sides' CPU per request; the server's alone bounds a deployment whose clients
+    # are elsewhere (a Space's visitors).
+    cores = os.cpu_count() or 1
+    for clients in (c for c in args.clients if c > 1):
+        for name in servers:
+            load = measured[name, clients]
+            client_ms, server_ms = (load.client_cpu * 1000 / len(load.times), load.server_cpu * 1000 / len(load.times))
+            print(f"- {clients} clients, {name}: CPU per request {client_ms:.0f} ms in the clients + {server_ms:.0f} ms "
+                  f"in the server: at most {cores * 1000 / (client_ms + server_ms):.1f} requests/s on these {cores} "
+                  f"cores, {cores * 1000 / server_ms:.1f} with the clients elsewhere")
 
 if __name__ == "__main__":
     main()
