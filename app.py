@@ -443,9 +443,10 @@ def train_tab(teacher: Teacher, model: gr.Dropdown, shipped: list[str]) -> None:
 
 def forward_threads() -> int:
     """Threads per forward pass: the cores split between the CONCURRENCY passes that may run at once
-    (unbatched predictions, or a batch beside a Grad-CAM). Batched, one pass at a time given every
-    core was slower on 2 cores: its threads' spinning took the CPU that Gradio and the decoding need
-    (16 clients: 10.2 against 14.5 requests/s, benchmarks/results/app_latency_cpu.md)."""
+    (unbatched predictions, or a batch beside a Grad-CAM). Batched, giving the one pass at a time
+    every core was slower on 2 cores (one client's p50 146.8 against 98.6 ms, 16 clients 14.9 against
+    16.3 requests/s: benchmarks/results/app_latency_cpu.md, run 2): its threads took the CPU that
+    Gradio and the decoding need."""
     return max(1, (os.cpu_count() or 1) // CONCURRENCY)
 
 

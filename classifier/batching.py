@@ -1,9 +1,10 @@
 """Predictions asked for at the same time share one forward pass: a micro-batcher for serving.
 
 When several people classify at once, each request used to run its own one-image forward pass. A
-forward pass over a batch costs less per image than the same images one by one (on this project's
-2-core CPU the shipped lite0 runs 4 images in about twice the time of one: benchmarks/app_latency.py),
-so under load the app answers more requests a second if the model sees them together.
+forward pass over a batch costs less per image than the same images one by one (the shipped lite0
+on one CPU thread: 22-24 ms per image in a batch of 8 against 28 ms alone), so under load the app
+spends less CPU per request: with 50 clients, 38 ms of server CPU against 52-57 ms, and 10-23% more
+requests a second (benchmarks/results/app_latency_cpu.md).
 
 Written here rather than taken from Gradio's `batch=True`, because that hands the event function
 lists of every input and fails the whole batch when one of them raises: one hostile upload would
@@ -27,7 +28,9 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 _STOP = object()  # put on the queue by close()
-DEFAULT_MAX_BATCH = 8  # past 4-8 images a batch stops paying on a small CPU (benchmarks/app_latency.py)
+# Past 8 images a batch stopped paying on this 2-core CPU (lite0, one thread: 20.7 ms per image in a
+# batch of 8, 24.5 in a batch of 16), and a bigger one makes its first image wait longer.
+DEFAULT_MAX_BATCH = 8
 
 
 class MicroBatcher(Generic[Item, Result]):
