@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runtime", choices=RUNTIMES, default=os.environ.get("RUNTIME", DEFAULT_RUNTIME),
                         help="torch, onnx (the bundles' model.onnx on onnxruntime) or auto: torch where installed, "
                              "else onnx (default: $RUNTIME, else auto)")
-    parser.add_argument("--max-batch", type=int, default=int(os.environ.get("MAX_BATCH", DEFAULT_MAX_BATCH)),
+    parser.add_argument("--max-batch", type=int, default=os.environ.get("MAX_BATCH", str(DEFAULT_MAX_BATCH)),
                         help="predictions asked for at the same time share forward passes of up to this many "
                              f"images; 1 runs each alone (default: $MAX_BATCH, else {DEFAULT_MAX_BATCH})")
     parser.add_argument("--threads", type=int, default=None,

@@ -523,3 +523,15 @@ def test_explain_names_the_class_and_the_mistake_at_a_gallery_place(models_dir):
     explanation = logic.explain(Predictor(models_dir / "b-renamed"), mistake["path"], mistake["predicted"])
     assert explanation.label == "disc" and "disc" in explanation.title()
     assert explanation.picture.mode == "RGB"
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["--max-batch", "0"], {}, "--max-batch must be at least 1, not 0"),
+    ([], {"MAX_BATCH": "eight"}, "argument --max-batch: invalid int value: 'eight'"),
+])
+def test_a_bad_batch_size_is_refused_before_anything_loads(argv, env, message, monkeypatch, capsys):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit):
+        app_module.main(argv)
+    assert message in capsys.readouterr().err

@@ -104,3 +104,22 @@ def test_the_app_store_batches_only_when_asked_and_closes_what_it_drops(tiny_bun
     store.remove("m")
     batched._batcher._worker.join(5)
     assert not batched._batcher._worker.is_alive()
+
+
+def test_onnx_predictions_batch_too():
+    """The shipped CNN's model.onnx takes any batch size: batched answers match one at a time, and
+    its score is NaN as unbatched (an ONNX graph ending in probabilities gives no energy)."""
+    pytest.importorskip("onnxruntime")
+    from classifier.serving import load_predictor
+
+    predictor = load_predictor(logic.MODELS_DIR / "cifar10-cnn", "onnx", threads=1)
+    photos = logic.example_images()[:6]
+    batched = BatchingPredictor(predictor, max_batch=4)
+    with ThreadPoolExecutor(len(photos)) as pool:
+        together = list(pool.map(batched.predict_scored, photos))
+    for (probabilities, score), photo in zip(together, photos):
+        expected, _ = predictor.predict_scored(photo)
+        assert list(probabilities) == list(expected)
+        assert max(abs(probabilities[k] - expected[k]) for k in expected) < 1e-5
+        assert score != score  # NaN
+    batched.close()
