@@ -28,12 +28,18 @@ MAX_FILE_SIZE = "10mb"  # a photo worth classifying is far smaller; bigger uploa
 QUEUE_SIZE = 64  # requests waiting beyond this are turned away at once instead of timing out
 CONCURRENCY = 2  # callbacks of one kind run at the same time (unbatched: each gets cpu_count / CONCURRENCY threads)
 TOP_K = 5
+# The bars (#bars): each class's name and probability above a track filled as far as it.
 # At phone width the Model tab's table gave its first column a few letters a line ("Arch / itec /
 # ture"): its names keep whole words, and the values wrap instead. The example photos (#examples):
 # one row of ten at desktop width, five below 1100 px, three on a phone, so each caption
 # ("automobile") fits whole on its thumbnail; the gallery is as tall as its rows (no inner scrolling),
 # and its columns shrink with the page instead of overflowing it (Gradio's are 100px at least).
-CSS = ("#model-summary :is(td, th):first-child "
+CSS = ("#bars .bar-row { display: grid; grid-template-columns: 1fr auto; gap: 2px 8px; margin: 0 0 10px; }"
+       " #bars .bar-track { grid-column: 1 / -1; height: 8px; border-radius: 4px;"
+       " background: var(--background-fill-secondary); overflow: hidden; }"
+       " #bars .bar-fill { display: block; height: 100%; background: var(--color-accent); }"
+       " #bars .bar-value { font-variant-numeric: tabular-nums; }"
+       " #model-summary :is(td, th):first-child "
        "{ min-width: 9em; word-break: normal; overflow-wrap: normal; hyphens: none; }"
        " #examples .grid-wrap { min-height: 0; max-height: none; overflow-y: visible; }"
        " #examples .grid-container { grid-template-columns: repeat(var(--grid-cols), minmax(0, 1fr)); }"
@@ -184,7 +190,10 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
                     # The headline carries the honest numbers (">99.9%", "Not sure: ..."); the Label's
                     # own heading would repeat the top class as if it were certain.
                     headline = gr.Markdown(elem_id="headline")
-                    label = gr.Label(num_top_classes=TOP_K, label="Top classes", show_heading=False)
+                    # The bars: app_logic.probability_bars, drawn from the hidden Label, which stays
+                    # the /classify endpoint's first output (the probabilities as a dict).
+                    bars = gr.HTML(elem_id="bars", label="Top classes")
+                    label = gr.Label(num_top_classes=TOP_K, label="Top classes", show_heading=False, visible=False)
                     timing = gr.Markdown(elem_id="timing")
                     look = gr.Checkbox(False, label="Show where the model looked", elem_id="show-heatmap")
                     heatmap = gr.Image(label="Where the model looked (Grad-CAM)", visible=False,
@@ -232,7 +241,11 @@ def build_app(models_dir=logic.MODELS_DIR, model_id: str | None = None,
         def clear_on_failure(event):
             # A failed prediction (a bad upload) shows only its error: the previous image's result
             # and timing left beside it would read as the answer for the new file.
-            event.failure(lambda: (None, "", ""), None, result, api_visibility="private")
+            event.failure(lambda: (None, "", "", ""), None, [*result, bars], api_visibility="private")
+            # Drawn apart from the prediction so that the endpoint's outputs stay (label, headline,
+            # timing); unqueued, it costs a short request, not a place in the queue.
+            event.success(lambda probabilities: logic.probability_bars(probabilities or {}, TOP_K), label, bars,
+                          queue=False, show_progress="hidden", api_visibility="private")
             event.failure(lambda: gr.Image(value=None), None, heatmap, api_visibility="private")
             # Grad-CAM only when asked, and only once the answer is on screen: the plain
             # prediction stays as fast as without it.

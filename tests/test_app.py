@@ -139,6 +139,15 @@ def test_probabilities_never_claim_certainty(p, text):
     assert logic.format_probability(p) == text
 
 
+def test_the_bars_write_probabilities_honestly_and_escape_class_names():
+    bars = logic.probability_bars({"cat": 0.0004, "<b>dog</b>": 0.9995, "bird": 0.0001}, top_k=2)
+    assert bars.index("&lt;b&gt;dog&lt;/b&gt;") < bars.index(">cat<")  # most likely first, names escaped
+    assert "<b>" not in bars and "bird" not in bars  # top_k of them
+    assert ">&gt;99.9%<" in bars and ">&lt;0.1%<" in bars and "100%" not in bars
+    assert 'style="width: 0.0%"' in bars  # a bar as long as its probability
+    assert logic.probability_bars({}) == ""
+
+
 def test_headline_says_when_the_model_is_not_sure():
     unsure = {"airplane": 0.24, "bird": 0.41, "cat": 0.2, "dog": 0.15}
     assert logic.headline(unsure) == "Not sure: bird 41% or airplane 24%"

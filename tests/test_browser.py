@@ -76,6 +76,13 @@ def test_upload_shows_the_top_class(page, served, tmp_path):
     top = page.locator("#headline")
     sync_api.expect(top).to_have_text(re.compile(rf"^\s*(Not sure: )?{expected} [<>]?[\d.]+%"), timeout=TIMEOUT_MS)
     sync_api.expect(page.get_by_text("Predicted in")).to_be_visible()
+    # The bars: the top classes, most likely first, each probability as the Predictor gives it, in
+    # app_logic.format_probability's words (never "100%" or "0%").
+    probabilities = Predictor(served[1] / "shapes").predict(image, top_k=app_module.TOP_K)
+    values = page.locator("#bars .bar-value")
+    sync_api.expect(values).to_have_count(len(probabilities), timeout=TIMEOUT_MS)
+    assert page.locator("#bars .bar-name").all_inner_texts() == list(probabilities)
+    assert values.all_inner_texts() == [app_logic.format_probability(p) for p in probabilities.values()]
     page.screenshot(path=str(tmp_path / "classify.png"), full_page=True)
     print(f"screenshot: {tmp_path / 'classify.png'}")
 
@@ -147,10 +154,12 @@ def test_a_hostile_upload_shows_one_plain_error_and_clears_the_last_result(page,
     # The square's answer and timing are gone: nothing on the page claims to describe the bad file.
     sync_api.expect(page.locator("#headline")).to_have_text(re.compile(r"^\s*$"))
     sync_api.expect(page.get_by_text("Predicted in")).to_have_count(0)
+    sync_api.expect(page.locator("#bars .bar-row")).to_have_count(0)
     page.screenshot(path=str(tmp_path / "bad-upload.png"), full_page=True)
     print(f"screenshot: {tmp_path / 'bad-upload.png'}")
     files.set_input_files(str(good))  # and a good image after it is classified again
     sync_api.expect(page.get_by_text("Predicted in")).to_be_visible()
+    sync_api.expect(page.locator("#bars .bar-row").first).to_be_visible()
 
 
 def test_clicking_a_confusion_cell_filters_the_gallery(page, tmp_path):
