@@ -7,6 +7,7 @@ are saved in the test's tmp_path for a person to look at.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -85,6 +86,16 @@ def test_upload_shows_the_top_class(page, served, tmp_path):
     assert values.all_inner_texts() == [app_logic.format_probability(p) for p in probabilities.values()]
     page.screenshot(path=str(tmp_path / "classify.png"), full_page=True)
     print(f"screenshot: {tmp_path / 'classify.png'}")
+
+
+def test_an_unsure_answer_says_so_and_names_the_runner_up(page, tmp_path, monkeypatch):
+    # A bar no answer reaches (the shipped one is app_logic.UNSURE_BELOW): every answer is unsure.
+    monkeypatch.setattr(app_logic, "headline", functools.partial(app_logic.headline, unsure_below=1.01))
+    image = tmp_path / "unsure.png"
+    draw_shape("circle", 96).save(image)
+    page.locator("input[type=file]").first.set_input_files(str(image))
+    sync_api.expect(page.locator("#headline")).to_have_text(
+        re.compile(r"^\s*Not sure: \w+ [<>]?[\d.]+% or \w+ [<>]?[\d.]+%\s*$"), timeout=TIMEOUT_MS)
 
 
 def test_example_captions_name_the_class_of_each_photo(page):
