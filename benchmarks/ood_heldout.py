@@ -46,16 +46,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from ood_scores import auroc  # noqa: E402  (the Mann-Whitney AUROC the OOD study used)
 from classifier.app_logic import UNSURE_BELOW  # noqa: E402
 from classifier.data import _unpack_archive  # noqa: E402
 from classifier.intervals import wilson_interval  # noqa: E402
 from classifier.predict import Predictor  # noqa: E402
-from classifier.teach import Embedder, teach  # noqa: E402
+from classifier.ood import SYNTHETIC_KINDS  # noqa: E402
+from classifier.teach import OOD_PER_KIND, Embedder, teach  # noqa: E402
 from classifier.teach_set import LIMITS, Limits  # noqa: E402
 
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"  # from a worktree elsewhere: --cifar PATH
@@ -76,20 +79,6 @@ def build(source: Path, out: Path, count: int, size: int) -> list[str]:
         Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC).save(target, quality=90)
         paths.append(str(target))
     return paths
-
-
-def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
-    """P(a positive scores above a negative), ties counted half (the Mann-Whitney statistic)."""
-    both = np.concatenate([positive, negative])
-    order = both.argsort(kind="mergesort")
-    ranks = np.empty(len(both))
-    ranks[order] = np.arange(1, len(both) + 1)
-    for value in np.unique(both):  # average ranks of ties
-        tied = both == value
-        if tied.sum() > 1:
-            ranks[tied] = ranks[tied].mean()
-    return float((ranks[:len(positive)].sum() - len(positive) * (len(positive) + 1) / 2)
-                 / (len(positive) * len(negative)))
 
 
 def share(hits: int, total: int) -> str:
@@ -190,7 +179,7 @@ def main() -> None:
     header = ["held out", "cross-validated accuracy (8 classes)", "in-domain top-1", "in-domain flagged (false positives)",
               "in-domain \"Not sure\"", "held-out flagged (true positives)", "held-out \"Not sure\" (baseline)",
               "held-out flagged or \"Not sure\"", "AUROC energy / top probability", "threshold (energy)",
-              "synthetic junk flagged (n=60)", "seconds: teach + measure"]
+              f"synthetic junk flagged (n={len(SYNTHETIC_KINDS) * OOD_PER_KIND})", "seconds: teach + measure"]
     class_header = ["held-out class", "split", "flagged", "\"Not sure\"", "either", "AUROC energy / top probability"]
     results, rows, class_rows = [], [], []
     started = time.perf_counter()
@@ -234,7 +223,8 @@ def main() -> None:
         f"class. Images upscaled from 32 px to {args.size}x{args.size} (bicubic, JPEG quality 90). \"Not sure\": "
         f"top probability below UNSURE_BELOW = {UNSURE_BELOW} (the app's headline shows the flag first, else "
         f"\"Not sure\"). Shares with their 95% Wilson intervals. AUROC: held-out against in-domain test images, "
-        f"low score = out of distribution. Synthetic junk: teach's own 60 images (classifier.ood kinds, 10 each), "
+        f"low score = out of distribution. Synthetic junk: teach's own {len(SYNTHETIC_KINDS) * OOD_PER_KIND} images "
+        f"(classifier.ood kinds, {OOD_PER_KIND} each), "
         f"on the model card.", "",
         *table(header, rows), "",
         "## Each held-out class", "",
